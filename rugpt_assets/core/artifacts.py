@@ -1,0 +1,147 @@
+"""Where every artifact lives, and how it gets there without ever being half-written.
+
+Every path in storage comes from `StorageLayout`. Writers go through `atomic_dir` /
+`atomic_file`: they write into a hidden temporary sibling, and only a complete, verified
+result is renamed into place, so a crash never leaves something downstream could pick up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    def raw_source(self, source_name: str) -> Path:
+        """Normalized snapshot of one source: a directory with ``rows.jsonl``."""
+        return self.root / "raw" / source_name
+
+    @property
+    def chat_set(self) -> Path:
+        """Directory with ``train.jsonl`` and ``val.jsonl``."""
+        return self.root / "chat_set"
+
+    @property
+    def base_model(self) -> Path:
+        return self.root / "base_model"
+
+    @property
+    def lora_adapter(self) -> Path:
+        return self.root / "lora_adapter"
+
+    @property
+    def training_runs(self) -> Path:
+        """Per-input checkpoint directories, kept so a killed run can resume."""
+        return self.root / "training_runs"
+
+    @property
+    def merged_model(self) -> Path:
+        return self.root / "merged_model"
+
+    @property
+    def ggml_dir(self) -> Path:
+        return self.root / "ggml"
+
+    @property
+    def ggml_f16(self) -> Path:
+        return self.ggml_dir / "model-f16.bin"
+
+    def ggml_quantized(self, quant_name: str) -> Path:
+        return self.ggml_dir / f"model-{quant_name.lower()}.bin"
+
+
+def _tmp_sibling(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def _replace(src: Path, final: Path) -> None:
+    """Rename ``src`` onto ``final``; an existing ``final`` is moved aside first, then removed."""
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        os.replace(final, old)
+        os.replace(src, final)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(src, final)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes ``final`` only if the block succeeds."""
+    final = Path(final)
+    tmp = _tmp_sibling(final)
+    try:
+        yield tmp
+        _replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary file path that becomes ``final`` only if the block succeeds."""
+    final = Path(final)
+    tmp_dir = _tmp_sibling(final)
+    tmp = tmp_dir / final.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"atomic_file: nothing was written to {tmp}")
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as UTF-8 JSON lines (stable key order, no ASCII escaping); returns the count."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False))
+            f.write("\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(root: Path) -> str:
+    """Content hash of a directory: relative paths and file bytes, in sorted order."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
