@@ -1,0 +1,304 @@
+"""The seven rulm source datasets: their specs, the two readers, and row normalization.
+
+Rows come either from the offline hub layout (``<sources_dir>/<owner>__<name>/<split>.jsonl``,
+one hub row per line) or from the hub through ``datasets``. Whatever form they arrive in,
+`normalize_rows` turns them into one plain shape, which is the contract with the chat recipe:
+
+- text columns are ``str`` (a null reads as ``""`` only in columns where the hub has nulls);
+- message lists are ``[{"role": str, "content": str}, ...]``, whether the row held a list of
+  objects or the hub's flattened ``{"role": [...], "content": [...]}``;
+- roleplay ``dialogues`` are ``[{"chat": [messages]}, ...]``, ``example_dialogue`` a message list.
+
+A row that does not fit is skipped and counted by reason (``malformed_json``,
+``missing_column:<col>``, ``wrong_type:<col>``, ``unknown_role:<role>``, ``not_an_object``);
+one bad row never stops a snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rugpt_assets.core.artifacts import read_jsonl, sha256_file, write_jsonl
+
+CHAT_ROLES = frozenset({"user", "bot", "system"})
+ROLEPLAY_ROLES = frozenset({"user", "char", "operator"})
+EXAMPLE_DIALOGUE_ROLES = frozenset({"user", "char"})
+
+SNAPSHOT_FILE = "rows.jsonl"
+MAX_REJECT_EXAMPLES = 10
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: Literal["text", "messages", "dialogues"] = "text"
+    # The hub has nulls in this text column; they read as "".
+    nullable: bool = False
+    # Roles allowed in a message list ("dialogues": in each chat).
+    roles: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str  # asset keys are raw_<name>
+    repo: str
+    split: str
+    columns: tuple[Column, ...]
+
+    @property
+    def local_dirname(self) -> str:
+        return self.repo.replace("/", "__")
+
+    def local_path(self, sources_dir: Path) -> Path:
+        return Path(sources_dir) / self.local_dirname / f"{self.split}.jsonl"
+
+
+_MESSAGES = (Column("messages", "messages", roles=CHAT_ROLES),)
+
+# In the order the recipe consumes them (DESIGN §3).
+SOURCES: tuple[SourceSpec, ...] = (
+    SourceSpec(
+        "ru_instruct_gpt4",
+        "lksy/ru_instruct_gpt4",
+        "train",
+        # full_output is null on some hub rows; the recipe skips empty answers.
+        (Column("instruction"), Column("input", nullable=True), Column("full_output", nullable=True)),
+    ),
+    SourceSpec(
+        "ru_turbo_alpaca_evol_instruct",
+        "IlyaGusev/ru_turbo_alpaca_evol_instruct",
+        "train",
+        (Column("instruction"), Column("output")),
+    ),
+    SourceSpec(
+        "ru_turbo_alpaca",
+        "IlyaGusev/ru_turbo_alpaca",
+        "train",
+        (
+            Column("instruction"),
+            Column("input", nullable=True),
+            Column("output"),
+            Column("alternative_output", nullable=True),
+        ),
+    ),
+    SourceSpec("ru_turbo_saiga", "IlyaGusev/ru_turbo_saiga", "train", _MESSAGES),
+    SourceSpec("ru_sharegpt_cleaned", "IlyaGusev/ru_sharegpt_cleaned", "train", _MESSAGES),
+    SourceSpec("oasst1_ru_main_branch", "IlyaGusev/oasst1_ru_main_branch", "train", _MESSAGES),
+    SourceSpec(
+        "gpt_roleplay_realm",
+        "IlyaGusev/gpt_roleplay_realm",
+        "ru",
+        (
+            Column("name"),
+            Column("context"),
+            Column("greeting"),
+            Column("example_dialogue", "messages", roles=EXAMPLE_DIALOGUE_ROLES),
+            Column("dialogues", "dialogues", roles=ROLEPLAY_ROLES),
+        ),
+    ),
+)
+SOURCES_BY_NAME: dict[str, SourceSpec] = {spec.name: spec for spec in SOURCES}
+
+
+class SourceNotFoundError(FileNotFoundError):
+    pass
+
+
+class SourceHubError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RawLineError:
+    """A line of a local source file that is not valid JSON: counted as ``malformed_json``."""
+
+    line: int
+    error: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    rows: list[dict[str, Any]]
+    rows_read: int  # kept + rejected
+    rejected: dict[str, int]  # reason -> count
+    # "line 7: malformed_json (...)" / "row 12: wrong_type:messages", the first few, to find them.
+    reject_examples: list[str]
+
+    @property
+    def rows_kept(self) -> int:
+        return len(self.rows)
+
+
+# --- normalization ---------------------------------------------------------------------------
+
+
+class _RowError(ValueError):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _text(value: Any, column: Column) -> str:
+    if value is None and column.nullable:
+        return ""
+    if not isinstance(value, str):
+        raise _RowError(f"wrong_type:{column.name}")
+    return value
+
+
+def _records(value: Any, column: Column) -> list[Any]:
+    """A list of objects from its list form or the hub's flattened ``{key: [values]}`` form."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        lists = list(value.values())
+        if all(isinstance(v, list) for v in lists) and len({len(v) for v in lists}) <= 1:
+            return [dict(zip(value, items)) for items in zip(*lists)]
+    raise _RowError(f"wrong_type:{column.name}")
+
+
+def _messages(value: Any, column: Column) -> list[dict[str, str]]:
+    messages = []
+    for m in _records(value, column):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise _RowError(f"wrong_type:{column.name}")
+        if m["role"] not in column.roles:
+            raise _RowError(f"unknown_role:{m['role']}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
+def _dialogues(value: Any, column: Column) -> list[dict[str, list[dict[str, str]]]]:
+    dialogues = []
+    for d in _records(value, column):
+        if not (isinstance(d, dict) and "chat" in d):
+            raise _RowError(f"wrong_type:{column.name}")
+        dialogues.append({"chat": _messages(d["chat"], column)})
+    return dialogues
+
+
+_READ_COLUMN = {"text": _text, "messages": _messages, "dialogues": _dialogues}
+
+
+def normalize_row(spec: SourceSpec, raw: Any) -> dict[str, Any]:
+    """The used columns of one raw row, normalized; raises ``ValueError`` (with the reason)."""
+    if not isinstance(raw, dict):
+        raise _RowError("not_an_object")
+    row = {}
+    for column in spec.columns:
+        if column.name not in raw:
+            raise _RowError(f"missing_column:{column.name}")
+        row[column.name] = _READ_COLUMN[column.kind](raw[column.name], column)
+    return row
+
+
+def normalize_rows(spec: SourceSpec, raw_rows: Iterable[dict | RawLineError]) -> Snapshot:
+    rows: list[dict[str, Any]] = []
+    rejected: Counter[str] = Counter()
+    examples: list[str] = []
+    n = 0
+    for n, raw in enumerate(raw_rows, 1):
+        if isinstance(raw, RawLineError):
+            reason, where = "malformed_json", f"line {raw.line}: malformed_json ({raw.error})"
+        else:
+            try:
+                rows.append(normalize_row(spec, raw))
+                continue
+            except _RowError as e:
+                reason, where = e.reason, f"row {n}: {e.reason}"
+        rejected[reason] += 1
+        if len(examples) < MAX_REJECT_EXAMPLES:
+            examples.append(where)
+    return Snapshot(rows=rows, rows_read=n, rejected=dict(rejected), reject_examples=examples)
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+def _local_file(spec: SourceSpec, sources_dir: Path) -> Path:
+    path = spec.local_path(sources_dir)
+    if path.is_file():
+        return path
+    found = ""
+    if path.parent.is_dir():
+        found = f" (the folder holds: {', '.join(sorted(p.name for p in path.parent.iterdir())) or 'nothing'})"
+    raise SourceNotFoundError(
+        f"source {spec.name!r} ({spec.repo}, split {spec.split!r}): expected {path}, "
+        f"which does not exist{found}. Fix: set RUGPT_SOURCES_DIR to a directory in the hub "
+        f"layout, one folder per dataset holding <split>.jsonl (here "
+        f"{spec.local_dirname}/{spec.split}.jsonl), or use the hub profile "
+        f"(RUGPT_PROFILE=rugpt35 with RUGPT_SOURCES_DIR unset)."
+    )
+
+
+def _json_lines(path: Path) -> Iterator[dict | RawLineError]:
+    # Binary lines: a line with bad UTF-8 becomes a counted error instead of stopping the read.
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError as e:
+                yield RawLineError(line_no, str(e))
+
+
+def read_local(spec: SourceSpec, sources_dir: Path) -> Iterator[dict | RawLineError]:
+    """Rows of ``<sources_dir>/<owner>__<name>/<split>.jsonl``; raises at once if it is missing."""
+    return _json_lines(_local_file(spec, sources_dir))
+
+
+def content_hash(spec: SourceSpec, sources_dir: Path) -> str:
+    """sha256 of the local source file: its data version when there is no hub revision."""
+    return sha256_file(_local_file(spec, sources_dir))
+
+
+def read_hub(
+    spec: SourceSpec, revision: str | None = None, token: str | None = None
+) -> tuple[Iterator[dict], str]:
+    """Rows of the hub dataset and the commit sha they were read at.
+
+    ``revision`` None means the default branch. The sha is resolved first and the data is
+    loaded at that sha, so the reported revision is exactly the data read.
+    """
+    # Imported here: heavy, and only the hub path needs them.
+    import datasets
+    import huggingface_hub
+
+    try:
+        sha = huggingface_hub.HfApi().dataset_info(spec.repo, revision=revision, token=token).sha
+        dataset = datasets.load_dataset(spec.repo, split=spec.split, revision=sha, token=token)
+    except Exception as e:
+        raise SourceHubError(
+            f"source {spec.name!r}: could not load {spec.repo} split {spec.split!r} at revision "
+            f"{revision or 'main (default)'}: {type(e).__name__}: {e}. Fix: check network access "
+            f"to huggingface.co, set HF_TOKEN if the dataset needs a login, check that the "
+            f"revision exists; or mirror the data in the hub layout and set RUGPT_SOURCES_DIR."
+        ) from e
+    return iter(dataset), sha
+
+
+def load_local(spec: SourceSpec, sources_dir: Path) -> Snapshot:
+    return normalize_rows(spec, read_local(spec, sources_dir))
+
+
+# --- snapshots -------------------------------------------------------------------------------
+
+
+def write_snapshot(snapshot: Snapshot, out_dir: Path) -> Path:
+    """Write the normalized rows as ``rows.jsonl`` into ``out_dir`` (the caller makes it atomic)."""
+    path = Path(out_dir) / SNAPSHOT_FILE
+    write_jsonl(path, snapshot.rows)
+    return path
+
+
+def read_snapshot(snapshot_dir: Path) -> list[dict[str, Any]]:
+    path = Path(snapshot_dir) / SNAPSHOT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no snapshot at {path}: materialize the raw source asset first")
+    return list(read_jsonl(path))
