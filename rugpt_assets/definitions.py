@@ -1,0 +1,65 @@
+"""The one `Definitions` of the code location: assets by group, checks, resources, automation."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from rugpt_assets import settings
+from rugpt_assets.defs import checks, data, export, model
+from rugpt_assets.defs.automation import automation_sensor, observe_cron
+from rugpt_assets.defs.resources import SourcesResource, StorageResource, TrainerResource
+from rugpt_assets.defs.sources import observed_sources, raw_snapshots
+
+PROFILE = settings.active_profile()
+
+everything_but_quantized = dg.AssetSelection.all() - dg.AssetSelection.assets(export.ggml_quantized)
+
+train_and_export_job = dg.define_asset_job(
+    "train_and_export",
+    selection=everything_but_quantized,
+    description="Sources → chat_set → lora_adapter → merged_model → ggml_f16, in one run.",
+)
+quantize_job = dg.define_asset_job(
+    "quantize",
+    selection=dg.AssetSelection.assets(export.ggml_quantized),
+    partitions_def=export.quant_partitions,
+    description="One GGML quantization type per run (pick the partition).",
+)
+observe_sources_job = dg.define_asset_job(
+    "observe_sources",
+    selection=dg.AssetSelection.assets(*observed_sources),
+    description="Record each source dataset's current revision (hub) or content hash (local).",
+)
+observe_sources_schedule = dg.ScheduleDefinition(
+    job=observe_sources_job,
+    cron_schedule=observe_cron(),
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Observe the seven source datasets (cron from RUGPT_OBSERVE_CRON, hourly by default).",
+)
+
+
+def resources_for(profile: settings.Profile) -> dict:
+    return {
+        "storage": StorageResource(root=str(settings.storage_root())),
+        "sources_resource": SourcesResource(mode=profile.source_mode, local_dir=str(profile.sources_dir)),
+        "trainer": TrainerResource(),
+    }
+
+
+defs = dg.Definitions(
+    assets=[
+        *observed_sources,
+        *raw_snapshots,
+        data.chat_set,
+        model.base_model,
+        model.lora_adapter,
+        model.merged_model,
+        export.ggml_f16,
+        export.ggml_quantized,
+    ],
+    asset_checks=[model.eval_loss_below_base, *checks.export_checks],
+    jobs=[train_and_export_job, quantize_job, observe_sources_job],
+    schedules=[observe_sources_schedule],
+    sensors=[automation_sensor],
+    resources=resources_for(PROFILE),
+)

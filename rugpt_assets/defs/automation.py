@@ -1,0 +1,77 @@
+"""Retrain when a dataset changes, and only then.
+
+A new data version of any `hf/<name>` source (observed on a schedule) or a new recipe
+`code_version` makes the downstream assets eligible; one automation tick requests the whole
+chain, which runs in dependency order. Storm guards: nothing is requested while it (or one of
+its parents) is in progress, the `gpu` pool runs one training at a time, and `lora_adapter`
+waits at least `RUGPT_MIN_RETRAIN_HOURS` after its last materialization.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import dagster as dg
+
+DEFAULT_OBSERVE_CRON = "0 * * * *"
+
+
+class MaterializedLongAgo(dg.AutomationCondition):
+    """True when the asset has no materialization newer than `min_interval_seconds`.
+
+    Custom conditions are evaluated in the code server (`use_user_code_server=True` below).
+    """
+
+    def __init__(self, min_interval_seconds: float):
+        self.min_interval_seconds = min_interval_seconds
+
+    @property
+    def description(self) -> str:
+        return f"No materialization in the last {self.min_interval_seconds / 3600:g} h"
+
+    @property
+    def name(self) -> str:
+        return "materialized_long_ago"
+
+    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
+        record = context.instance.get_latest_materialization_event(context.key)
+        now = context.evaluation_time.timestamp()
+        if record is None or now - record.timestamp >= self.min_interval_seconds:
+            return dg.AutomationResult(context=context, true_subset=context.candidate_subset)
+        return dg.AutomationResult(context=context, true_subset=context.get_empty_subset())
+
+
+def retrain_condition() -> dg.AutomationCondition:
+    """Eager on new parent data, plus a one-shot request when this asset's code version changes."""
+    return dg.AutomationCondition.eager() | (
+        dg.AutomationCondition.code_version_changed()
+        & ~dg.AutomationCondition.any_deps_missing()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label("code_version_changed")
+
+
+def min_retrain_interval_hours() -> float:
+    return float(os.environ.get("RUGPT_MIN_RETRAIN_HOURS", "6"))
+
+
+def training_condition() -> dg.AutomationCondition:
+    """`retrain_condition`, held back until the minimum interval since the last training passed."""
+    interval = MaterializedLongAgo(
+        min_interval_seconds=datetime.timedelta(hours=min_retrain_interval_hours()).total_seconds()
+    )
+    return (retrain_condition() & interval).with_label("retrain (rate-limited)")
+
+
+def observe_cron() -> str:
+    return os.environ.get("RUGPT_OBSERVE_CRON", DEFAULT_OBSERVE_CRON)
+
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "retrain_on_new_data",
+    target=dg.AssetSelection.all(include_sources=True),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    use_user_code_server=True,
+    description="Evaluates every asset's automation condition; runs by default.",
+)

@@ -1,0 +1,87 @@
+"""`chat_set`: the rulm recipe over the seven source snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from rugpt_assets import settings
+from rugpt_assets.core import chat_recipe, sources
+from rugpt_assets.core.artifacts import atomic_dir
+from rugpt_assets.core.configs import RecipeConfig
+from rugpt_assets.defs.automation import retrain_condition
+from rugpt_assets.defs.resources import StorageResource
+
+RecipeRunConfig = settings.launchpad_config("RecipeRunConfig", settings.active_profile().recipe)
+
+
+def _chat_preview(records: list[dict], limit: int = 3, width: int = 300) -> str:
+    """A few chats as markdown, each message shortened."""
+    parts = []
+    for i, record in enumerate(records[:limit], 1):
+        lines = [f"**Chat {i}** · source `{record['source']}` · {len(record['messages'])} messages"]
+        for m in record["messages"]:
+            text = m["content"].replace("\n", " ")
+            text = text if len(text) <= width else text[: width - 1] + "…"
+            lines.append(f"- **{m['role']}**: {text}")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _counts_table(summary: dict) -> dg.MetadataValue:
+    by_source = summary["by_source"]
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord({"source": s, "train": c.get("train", 0), "val": c.get("val", 0)})
+            for s, c in sorted(by_source.items())
+        ],
+        schema=dg.TableSchema(
+            columns=[
+                dg.TableColumn("source", "string"),
+                dg.TableColumn("train", "int"),
+                dg.TableColumn("val", "int"),
+            ]
+        ),
+    )
+
+
+@dg.asset(
+    deps=[f"raw_{spec.name}" for spec in sources.SOURCES],
+    group_name="data",
+    kinds={"json"},
+    owners=["team:data"],
+    pool="cpu",
+    code_version=chat_recipe.RECIPE_VERSION,
+    automation_condition=retrain_condition(),
+    description=(
+        "The rulm/Saiga chat set (rulm `create_chat_set`, Sept 2023): seven sources cleaned, "
+        "near-duplicates removed, short instructions merged and mixed into Saiga chats, "
+        "shuffled with seed 42 and split 95/5. Files: `<storage>/chat_set/train.jsonl`, "
+        "`val.jsonl`; rows `{messages: [{role, content}], source}`."
+    ),
+)
+def chat_set(
+    context: dg.AssetExecutionContext, config: RecipeRunConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    recipe = settings.config_to_dataclass(config, RecipeConfig)
+    layout = storage.layout
+    rows = {spec.name: sources.read_snapshot(layout.raw_source(spec.name)) for spec in sources.SOURCES}
+    bad = chat_recipe.load_bad_substrings(Path(recipe.bad_substrings_path) if recipe.bad_substrings_path else None)
+    result = chat_recipe.build_chat_set(rows, recipe, bad)
+    with atomic_dir(layout.chat_set) as tmp:
+        chat_recipe.write_chat_set(result, tmp)
+    summary = chat_recipe.summarize(result)
+    context.log.info(f"chat_set: {len(result.train)} train, {len(result.val)} validation chats")
+    return dg.MaterializeResult(
+        metadata={
+            "train_chats": len(result.train),
+            "val_chats": len(result.val),
+            "counts_by_source": _counts_table(summary),
+            "length_stats": dg.MetadataValue.json(summary["lengths"]),
+            "recipe_stats": dg.MetadataValue.json(result.stats),
+            "bad_substrings": len(bad),
+            "preview": dg.MetadataValue.md(_chat_preview(result.train)),
+            "path": dg.MetadataValue.path(str(layout.chat_set)),
+        }
+    )

@@ -1,0 +1,149 @@
+"""The export half: `ggml_f16` and one `ggml_quantized` partition per `QuantType`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from rugpt_assets import settings
+from rugpt_assets.core import evaluate, ggml
+from rugpt_assets.core.artifacts import atomic_file, read_jsonl
+from rugpt_assets.core.configs import ExportConfig
+from rugpt_assets.core.quantize import QuantType, quantize_ggml
+from rugpt_assets.defs.automation import retrain_condition
+from rugpt_assets.defs.model import merged_model
+from rugpt_assets.defs.resources import StorageResource
+
+ExportRunConfig = settings.launchpad_config("ExportRunConfig", settings.active_profile().export)
+
+quant_partitions = dg.StaticPartitionsDefinition([q.name for q in QuantType])
+
+
+def _evaluation_path(ggml_path: Path) -> Path:
+    """Each file's numbers sit beside it, so the f16 table and the quant deltas can read them."""
+    return ggml_path.with_suffix(".eval.json")
+
+
+def _evaluate(path: Path, storage: StorageResource, export: ExportConfig) -> dict:
+    layout = storage.layout
+    val_chats = list(read_jsonl(layout.chat_set / "val.jsonl"))
+    numbers = evaluate.evaluate_ggml_file(path, layout.merged_model, val_chats, export)
+    with atomic_file(_evaluation_path(path)) as tmp:
+        tmp.write_text(json.dumps(numbers, ensure_ascii=False, indent=2))
+    return numbers
+
+
+def _quant_table(storage: StorageResource) -> dg.MetadataValue:
+    """Size, speed and perplexity of every file materialized so far, f16 first."""
+    layout = storage.layout
+    rows = []
+    for name, path in [("F16", layout.ggml_f16)] + [(q.name, layout.ggml_quantized(q.name)) for q in QuantType]:
+        eval_path = _evaluation_path(path)
+        if path.exists() and eval_path.exists():
+            numbers = json.loads(eval_path.read_text())
+            rows.append(
+                dg.TableRecord(
+                    {
+                        "type": name,
+                        "size_mb": round(numbers["size_bytes"] / 2**20, 2),
+                        "bits_per_weight": round(numbers["bits_per_weight"], 2),
+                        "tokens_per_s": round(numbers["generation_tokens_per_s"], 1),
+                        "perplexity": round(numbers["perplexity"], 4),
+                    }
+                )
+            )
+    return dg.MetadataValue.table(
+        records=rows,
+        schema=dg.TableSchema(
+            columns=[
+                dg.TableColumn("type", "string"),
+                dg.TableColumn("size_mb", "float"),
+                dg.TableColumn("bits_per_weight", "float"),
+                dg.TableColumn("tokens_per_s", "float"),
+                dg.TableColumn("perplexity", "float"),
+            ]
+        ),
+    )
+
+
+def _file_metadata(path: Path, numbers: dict) -> dict:
+    return {
+        "size_bytes": numbers["size_bytes"],
+        "bits_per_weight": numbers["bits_per_weight"],
+        "sha256": numbers["sha256"],
+        "load_time_s": numbers["load_time_s"],
+        "generation_tokens_per_s": numbers["generation_tokens_per_s"],
+        "perplexity": numbers["perplexity"],
+        "sample_generation": dg.MetadataValue.md(f"```\n{numbers['sample_text']}\n```"),
+        "path": dg.MetadataValue.path(str(path)),
+    }
+
+
+@dg.asset(
+    deps=[merged_model],
+    group_name="export",
+    kinds={"ggml"},
+    owners=["team:ml"],
+    pool="cpu",
+    code_version=ggml.GGML_WRITER_VERSION,
+    automation_condition=retrain_condition(),
+    description=(
+        "The merged model as an f16 GGML file in llm-rs's container (with its `.meta` sidecar), "
+        "streamed tensor by tensor, vocabulary stored as the tokenizer's bytes. "
+        "File: `<storage>/ggml/model-f16.bin`."
+    ),
+)
+def ggml_f16(
+    context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    export = settings.config_to_dataclass(config, ExportConfig)
+    path = storage.layout.ggml_f16
+    ggml.write_ggml_f16(storage.layout.merged_model, path)
+    numbers = _evaluate(path, storage, export)
+    context.log.info(f"f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
+    return dg.MaterializeResult(
+        metadata={**_file_metadata(path, numbers), "quantizations": _quant_table(storage)}
+    )
+
+
+@dg.asset(
+    deps=[ggml_f16],
+    partitions_def=quant_partitions,
+    group_name="export",
+    kinds={"ggml"},
+    owners=["team:ml"],
+    pool="cpu",
+    code_version=ggml.GGML_WRITER_VERSION,
+    automation_condition=retrain_condition(),
+    backfill_policy=dg.BackfillPolicy.multi_run(1),
+    description=(
+        "`ggml_f16` quantized by llm-rs, one partition per type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); "
+        "partitions run side by side and never touch each other's files. "
+        "Files: `<storage>/ggml/model-<type>.bin`."
+    ),
+)
+def ggml_quantized(
+    context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    export = settings.config_to_dataclass(config, ExportConfig)
+    quant = QuantType[context.partition_key]
+    layout = storage.layout
+    path = layout.ggml_quantized(quant.name)
+    report = quantize_ggml(layout.ggml_f16, quant, path)
+    numbers = _evaluate(path, storage, export)
+    f16 = json.loads(_evaluation_path(layout.ggml_f16).read_text())
+    delta = numbers["perplexity"] / f16["perplexity"] - 1
+    context.log.info(f"{quant.name}: {report.size_bytes / 2**20:.1f} MiB, perplexity {delta:+.2%} vs f16")
+    # The f16 asset's table gains this row: record it there as an observation.
+    context.log_event(dg.AssetObservation(asset_key=ggml_f16.key, metadata={"quantizations": _quant_table(storage)}))
+    return dg.MaterializeResult(
+        metadata={
+            **_file_metadata(path, numbers),
+            "ratio_to_f16": report.ratio_to_f16,
+            "quantize_time_s": report.wall_time_s,
+            "perplexity_f16": f16["perplexity"],
+            "perplexity_delta": delta,
+        }
+    )

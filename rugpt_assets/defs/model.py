@@ -1,0 +1,152 @@
+"""The model half: `base_model` → `lora_adapter` (GPU pool, via Pipes) → `merged_model`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import dagster as dg
+
+from rugpt_assets import settings
+from rugpt_assets.core import demo_model, merge, train
+from rugpt_assets.core.artifacts import atomic_dir, sha256_tree
+from rugpt_assets.core.base_model import apply_rugpt_fixes, download_base_model
+from rugpt_assets.core.configs import MergeConfig, TrainConfig
+from rugpt_assets.defs.automation import retrain_condition, training_condition
+from rugpt_assets.defs.resources import StorageResource, TrainerResource
+
+PROFILE = settings.active_profile()
+TrainRunConfig = settings.launchpad_config("TrainRunConfig", PROFILE.train)
+MergeRunConfig = settings.launchpad_config("MergeRunConfig", PROFILE.merge)
+
+
+class BaseModelConfig(dg.Config):
+    repo: str | None = PROFILE.base_model_repo  # None: the tiny demo GPT-2 built here
+    revision: str = PROFILE.base_model_revision
+    token_env_var: str = "HF_TOKEN"
+
+
+@dg.asset(
+    group_name="model",
+    kinds={"huggingface", "pytorch", "safetensors"},
+    owners=["team:ml"],
+    pool="cpu",
+    code_version="1",
+    description=(
+        "The base model as safetensors: a pinned snapshot of `ai-forever/ruGPT-3.5-13B` with the "
+        "seed's tokenizer/generation fixes (profile `rugpt35`), or a tiny deterministic GPT-2 with "
+        "the same special tokens trained on the bundled samples (profile `demo`). "
+        "Directory: `<storage>/base_model/`."
+    ),
+)
+def base_model(
+    context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    target = storage.layout.base_model
+    with atomic_dir(target) as tmp:
+        if config.repo:
+            context.log.info(f"downloading {config.repo}@{config.revision}")
+            revision = download_base_model(config.repo, config.revision, tmp, os.environ.get(config.token_env_var))
+            apply_rugpt_fixes(tmp)
+            summary = {"repo": config.repo, "revision": revision}
+        else:
+            summary = demo_model.build_demo_model(demo_model.sample_texts(settings.BUNDLED_SAMPLES_DIR), tmp)
+            summary["repo"] = "demo (built locally)"
+    model_config = json.loads((target / "config.json").read_text())
+    return dg.MaterializeResult(
+        metadata={
+            **summary,
+            "n_layer": model_config["n_layer"],
+            "n_embd": model_config["n_embd"],
+            "n_head": model_config["n_head"],
+            "n_positions": model_config["n_positions"],
+            "vocab_size": model_config["vocab_size"],
+            "content_sha256": sha256_tree(target),
+            "path": dg.MetadataValue.path(str(target)),
+        },
+    )
+
+
+@dg.asset(
+    deps=[base_model, "chat_set"],
+    group_name="model",
+    kinds={"pytorch", "safetensors"},
+    owners=["team:ml"],
+    pool="gpu",
+    code_version=train.TRAINER_VERSION,
+    automation_condition=training_condition(),
+    description=(
+        "A LoRA adapter (PEFT; seed recipe r 16, alpha 16, dropout 0.05 on `c_attn`) trained on "
+        "`chat_set` with the gigasaiga template and only-target loss, in its own process via Dagster "
+        "Pipes. Resumes from the latest checkpoint if a run on the same inputs died. Reports "
+        "`eval_loss` (plotted across runs) and a loss curve. Directory: `<storage>/lora_adapter/`."
+    ),
+)
+def lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: TrainRunConfig,
+    storage: StorageResource,
+    trainer: TrainerResource,
+):
+    layout = storage.layout
+    job = train.TrainJob(
+        base_model_dir=str(layout.base_model),
+        train_path=str(layout.chat_set / "train.jsonl"),
+        val_path=str(layout.chat_set / "val.jsonl"),
+        output_dir=str(layout.lora_adapter),
+        runs_dir=str(layout.training_runs),
+        config=settings.config_to_dataclass(config, TrainConfig),
+    )
+    job_path = layout.training_runs / f"job-{context.run_id}.json"
+    job_path.parent.mkdir(parents=True, exist_ok=True)
+    job.write(job_path)
+    try:
+        result = trainer.run(context, job_path)
+    finally:
+        job_path.unlink(missing_ok=True)
+    return result.get_materialize_result()
+
+
+@dg.asset_check(asset=lora_adapter, blocking=True, description="Eval loss is finite and below the untouched base model's.")
+def eval_loss_below_base(storage: StorageResource) -> dg.AssetCheckResult:
+    metrics = json.loads((storage.layout.lora_adapter / "metrics.json").read_text())
+    eval_loss, base_loss = metrics["eval_loss"], metrics["base_eval_loss"]
+    return dg.AssetCheckResult(
+        passed=math.isfinite(eval_loss) and eval_loss < base_loss,
+        metadata={"eval_loss": eval_loss, "base_eval_loss": base_loss},
+    )
+
+
+@dg.asset(
+    deps=[base_model, lora_adapter],
+    group_name="model",
+    kinds={"pytorch", "safetensors"},
+    owners=["team:ml"],
+    pool="cpu",
+    code_version=merge.MERGE_VERSION,
+    automation_condition=retrain_condition(),
+    description=(
+        "Base model with the adapter merged in (`W += alpha/r · (B·A)ᵀ` for GPT-2's Conv1D), streamed "
+        "shard by shard so memory stays around one shard; float16 by default. "
+        "Directory: `<storage>/merged_model/`."
+    ),
+)
+def merged_model(
+    context: dg.AssetExecutionContext, config: MergeRunConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    layout = storage.layout
+    merge_config = settings.config_to_dataclass(config, MergeConfig)
+    report = merge.merge_lora(layout.base_model, layout.lora_adapter, layout.merged_model, dtype=merge_config.dtype)
+    context.log.info(f"merged {report.tensors_merged} tensors in {report.wall_time_s:.1f} s")
+    return dg.MaterializeResult(
+        metadata={
+            "tensors_merged": report.tensors_merged,
+            "shards": report.shards,
+            "dtype": report.dtype,
+            "size_bytes": report.output_bytes,
+            "wall_time_s": report.wall_time_s,
+            "peak_rss_gb": report.peak_rss_gb,
+            "path": dg.MetadataValue.path(str(layout.merged_model)),
+        }
+    )

@@ -1,0 +1,110 @@
+"""Resources: where artifacts live, where source rows come from, and how training is launched.
+
+Each deployment picks its resources in `rugpt_assets.definitions`; assets only see these
+interfaces.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+
+from rugpt_assets.core import sources
+from rugpt_assets.core.artifacts import StorageLayout
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Root directory of every artifact this project writes (see `core.artifacts.StorageLayout`)."""
+
+    root: str
+
+    @property
+    def layout(self) -> StorageLayout:
+        return StorageLayout(Path(self.root))
+
+
+class SourcesResource(dg.ConfigurableResource):
+    """Where the seven rulm datasets are read from: the hub, or a local mirror in the hub layout."""
+
+    mode: Literal["local", "hub"] = "local"
+    local_dir: str = ""
+    # Pinned dataset revisions by source name; unset means the hub's current `main`.
+    revisions: dict[str, str] = {}
+    # Name of the environment variable holding a hub token; the token itself never enters config.
+    token_env_var: str = "HF_TOKEN"
+
+    def _token(self) -> str | None:
+        return os.environ.get(self.token_env_var) or None
+
+    def read(self, spec: sources.SourceSpec) -> tuple[Iterable, str]:
+        """Rows (or malformed-line markers) and the revision they come from."""
+        if self.mode == "hub":
+            return sources.read_hub(spec, self.revisions.get(spec.name), self._token())
+        local_dir = Path(self.local_dir)
+        return sources.read_local(spec, local_dir), "sha256:" + sources.content_hash(spec, local_dir)
+
+    def data_version(self, spec: sources.SourceSpec) -> str:
+        """What an observation reports: the hub revision, or a hash of the local files."""
+        if self.mode == "hub":
+            return sources.hub_revision(spec, self.revisions.get(spec.name), self._token())
+        return "sha256:" + sources.content_hash(spec, Path(self.local_dir))
+
+
+class TrainerResource(dg.ConfigurableResource):
+    """Runs `python -m rugpt_assets.core.train` in its own process through Dagster Pipes.
+
+    `subprocess` runs one process here; `torchrun` starts `nproc_per_node` workers (DDP) here;
+    `k8s` starts a pod of the GPU pod shape (deploy/k8s) with `PipesK8sClient`.
+    """
+
+    launcher: Literal["subprocess", "torchrun", "k8s"] = "subprocess"
+    nproc_per_node: int = 1
+    k8s_image: str = ""
+    k8s_namespace: str = "dagster"
+
+    def command(self, job_path: Path) -> list[str]:
+        module = ["-m", "rugpt_assets.core.train", "--config", str(job_path)]
+        if self.launcher == "torchrun":
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={self.nproc_per_node}", *module]
+        return [sys.executable if self.launcher == "subprocess" else "python", *module]
+
+    def run(
+        self, context: dg.AssetExecutionContext, job_path: Path, env: Mapping[str, str] | None = None
+    ) -> dg.PipesClientCompletedInvocation:
+        command = self.command(job_path)
+        if self.launcher == "k8s":
+            from dagster_k8s import PipesK8sClient
+
+            from rugpt_assets.launchers import GPU_POD_SPEC
+
+            return PipesK8sClient().run(
+                context=context,
+                image=self.k8s_image,
+                command=command,
+                namespace=self.k8s_namespace,
+                env=dict(env or {}),
+                base_pod_spec=GPU_POD_SPEC,
+            )
+        # Keep the parent's environment (PATH, HOME, thread settings); add ours on top.
+        return dg.PipesSubprocessClient().run(
+            context=context, command=command, env={**os.environ, **(env or {})}
+        )
+
+
+def preview_table(rows: Sequence[Mapping], columns: Sequence[str], limit: int = 5, width: int = 80) -> dg.MetadataValue:
+    """A small table of the first rows, long text shortened, for the asset's metadata."""
+    def cell(value) -> str:
+        text = value if isinstance(value, str) else repr(value)
+        text = text.replace("\n", " ")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({c: cell(r.get(c, "")) for c in columns}) for r in rows[:limit]],
+        schema=dg.TableSchema(columns=[dg.TableColumn(c, "string") for c in columns]),
+    )

@@ -1,0 +1,150 @@
+"""A run launcher that sends GPU runs to one launcher and all other runs to another.
+
+A run is a GPU run when any step it executes is in one of `gpu_pools` (assets declare
+`pool="gpu"`). Locally both sides are usually `DefaultRunLauncher`; on Kubernetes both are
+`dagster_k8s.K8sRunLauncher`, the GPU one placing run pods per `GPU_POD`. Configure it in
+dagster.yaml:
+
+    run_launcher:
+      module: rugpt_assets.launchers
+      class: RoutingRunLauncher
+      config:
+        gpu_pools: [gpu]
+        gpu: {module: dagster, class: DefaultRunLauncher}
+        cpu: {module: dagster, class: DefaultRunLauncher}
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+from dagster import DagsterInvalidConfigError, Field
+from dagster._core.instance.config import configurable_class_schema
+from dagster._core.launcher import LaunchRunContext, ResumeRunContext, RunLauncher
+from dagster._core.launcher.base import CheckRunHealthResult
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._serdes import ConfigurableClass, ConfigurableClassData
+
+LAUNCHER_TAG = "rugpt/launcher"
+
+# What a GPU pod is, in the `run_k8s_config` shape of dagster-k8s (snake_case V1PodSpec and
+# V1Container fields). The GPU K8sRunLauncher in deploy/k8s carries exactly this block (a test
+# keeps the two equal), and `pipes_gpu_pod_spec` turns it into a PipesK8sClient pod spec.
+GPU_POD: Mapping[str, Any] = {
+    "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
+    "pod_spec_config": {
+        "node_selector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+}
+
+
+def pipes_gpu_pod_spec() -> dict[str, Any]:
+    """`base_pod_spec` for `PipesK8sClient.run(image=..., command=...)`: one container on a GPU node."""
+    pod = copy.deepcopy(GPU_POD)
+    return {**pod["pod_spec_config"], "containers": [pod["container_config"]]}
+
+
+def _load_launcher(side: str, spec: Mapping[str, Any]) -> RunLauncher:
+    config = spec.get("config") or {}
+    data = ConfigurableClassData(spec["module"], spec["class"], yaml.dump(dict(config)))
+    try:
+        return data.rehydrate(as_type=RunLauncher)
+    except Exception as e:
+        # Name the block to fix: the bare rehydrate error does not say which side failed.
+        raise DagsterInvalidConfigError(
+            f"run_launcher.config.{side} ({spec['module']}.{spec['class']}) could not be loaded:"
+            f" {e}\nFix the `{side}:` block under run_launcher in dagster.yaml.",
+            e.errors if isinstance(e, DagsterInvalidConfigError) else [],
+            dict(config),
+        ) from e
+
+
+class RoutingRunLauncher(RunLauncher, ConfigurableClass):
+    def __init__(
+        self,
+        gpu: Mapping[str, Any],
+        cpu: Mapping[str, Any],
+        gpu_pools: Sequence[str] = ("gpu",),
+        inst_data: ConfigurableClassData | None = None,
+    ):
+        super().__init__()
+        self._inst_data = inst_data
+        self.gpu_pools = frozenset(gpu_pools)
+        self.launchers: dict[str, RunLauncher] = {
+            "gpu": _load_launcher("gpu", gpu),
+            "cpu": _load_launcher("cpu", cpu),
+        }
+
+    @property
+    def inst_data(self) -> ConfigurableClassData | None:
+        return self._inst_data
+
+    @classmethod
+    def config_type(cls) -> dict[str, Any]:
+        return {
+            "gpu_pools": Field([str], default_value=["gpu"]),
+            "gpu": configurable_class_schema(),
+            "cpu": configurable_class_schema(),
+        }
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]
+    ) -> RoutingRunLauncher:
+        return cls(inst_data=inst_data, **config_value)
+
+    def register_instance(self, instance) -> None:
+        super().register_instance(instance)
+        for launcher in self.launchers.values():
+            launcher.register_instance(instance)
+
+    def side_for(self, run: DagsterRun) -> str:
+        """"gpu" or "cpu". `run_op_concurrency.all_pools` is what `create_run` read from the
+        execution plan snapshot: the pools of the steps this run executes, nothing else."""
+        pools = (run.run_op_concurrency.all_pools if run.run_op_concurrency else None) or ()
+        return "gpu" if self.gpu_pools.intersection(pools) else "cpu"
+
+    def _started(self, run: DagsterRun) -> RunLauncher:
+        # Runs launched before this launcher was configured carry no tag: route them afresh.
+        return self.launchers[run.tags.get(LAUNCHER_TAG) or self.side_for(run)]
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        run = context.dagster_run
+        self._instance.add_run_tags(run.run_id, {LAUNCHER_TAG: self.side_for(run)})
+        run = self._instance.get_run_by_id(run.run_id)
+        self._started(run).launch_run(context._replace(dagster_run=run))
+
+    def terminate(self, run_id: str) -> bool:
+        run = self._instance.get_run_by_id(run_id)
+        return run is not None and self._started(run).terminate(run_id)
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return all(x.supports_check_run_worker_health for x in self.launchers.values())
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        return self._started(run).check_run_worker_health(run)
+
+    def get_run_worker_debug_info(
+        self, run: DagsterRun, include_container_logs: bool | None = True
+    ) -> str | None:
+        return self._started(run).get_run_worker_debug_info(run, include_container_logs)
+
+    @property
+    def supports_resume_run(self) -> bool:
+        return all(x.supports_resume_run for x in self.launchers.values())
+
+    def resume_run(self, context: ResumeRunContext) -> None:
+        self._started(context.dagster_run).resume_run(context)
+
+    def join(self, timeout: int = 30) -> None:
+        for launcher in self.launchers.values():
+            launcher.join(timeout)
+
+    def dispose(self) -> None:
+        for launcher in self.launchers.values():
+            launcher.dispose()

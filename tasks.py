@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Fresh-machine entry points; needs only Python ≥ 3.11 with pip.
+
+    python3 tasks.py demo    # set up .venv, materialize the whole graph, serve the UI on 127.0.0.1:3000
+    python3 tasks.py test    # set up .venv, run the test suite
+
+Environment: RUGPT_PROFILE (demo | rugpt35), RUGPT_HOST / RUGPT_PORT for the UI, RUGPT_TORCH
+(the torch requirement installed first; default torch==2.13.0), RUGPT_EXTRAS (extra pip extras).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / "python"
+
+
+def log(message: str) -> None:
+    print(f"[tasks] {message}", flush=True)
+
+
+def run(*args: str | Path, env: dict | None = None) -> None:
+    subprocess.run([str(a) for a in args], cwd=ROOT, env=env, check=True)
+
+
+def ensure_env() -> None:
+    """Create `.venv` and install the project into it, again only when pyproject.toml changed."""
+    torch_req = os.environ.get("RUGPT_TORCH", "torch==2.13.0")
+    extras = ",".join(["test", *filter(None, os.environ.get("RUGPT_EXTRAS", "").split(","))])
+    stamp = VENV / ".rugpt-installed"
+    wanted = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + torch_req.encode() + extras.encode()
+    ).hexdigest()
+    if stamp.exists() and stamp.read_text() == wanted:
+        return
+    if not PYTHON.exists():
+        log(f"creating {VENV}")
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    log(f"installing {torch_req} and the project [{extras}] (first time: a few minutes)")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    # torch first, pinned: a loose range would pull a multi-GB build that the CPU demo doesn't need.
+    run(PYTHON, "-m", "pip", "install", "--quiet", torch_req)
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", f".[{extras}]")
+    stamp.write_text(wanted)
+
+
+def venv_env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def demo() -> int:
+    ensure_env()
+    env = venv_env()
+    env.setdefault("DAGSTER_HOME", str(ROOT))
+    (ROOT / "storage").mkdir(exist_ok=True)
+    log(f"profile {env.get('RUGPT_PROFILE', 'demo')}: materializing every asset (DAGSTER_HOME={env['DAGSTER_HOME']})")
+    run(PYTHON, "-m", "rugpt_assets.materialize", env=env)
+    host, port = env.get("RUGPT_HOST", "127.0.0.1"), env.get("RUGPT_PORT", "3000")
+    log(f"serving the Dagster UI (and the daemon) at http://{host}:{port} — Ctrl+C stops it")
+    server = subprocess.Popen(
+        [str(BIN / "dagster"), "dev", "-h", host, "-p", port, "-m", "rugpt_assets.definitions"], cwd=ROOT, env=env
+    )
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.send_signal(signal.SIGINT)
+        return server.wait()
+
+
+def test() -> int:
+    ensure_env()
+    return subprocess.call([str(PYTHON), "-m", "pytest", *sys.argv[2:]], cwd=ROOT, env=venv_env())
+
+
+if __name__ == "__main__":
+    tasks = {"demo": demo, "test": test}
+    if len(sys.argv) < 2 or sys.argv[1] not in tasks:
+        sys.exit(__doc__)
+    sys.exit(tasks[sys.argv[1]]())
