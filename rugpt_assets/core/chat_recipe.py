@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasketch import MinHash, MinHashLSH
 
 from rugpt_assets.core.artifacts import atomic_file, write_jsonl
@@ -173,16 +174,22 @@ def minhashes(texts, num_perm: int):
 def remove_near_duplicates(records, config: RecipeConfig, stats) -> list[dict]:
     """Step 4: drop a record whose first message is estimated > threshold similar (Jaccard) to
     that of an earlier kept record among the LSH candidates; dropped records are not indexed."""
-    threshold = config.dedup_threshold
-    lsh = MinHashLSH(threshold=threshold, num_perm=config.dedup_num_perm)
-    kept_minhashes: dict[int, MinHash] = {}
+    threshold, num_perm = config.dedup_threshold, config.dedup_num_perm
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    # Hash values of the kept records, row = LSH key. At threshold 0.3 a query returns hundreds
+    # of candidates; comparing them all at once is `MinHash.jaccard` (the share of equal hash
+    # values) vectorized, and what made this step fast enough.
+    kept_hashvalues = np.empty((len(records), num_perm), dtype=np.uint64)
     kept = []
     texts = (r["messages"][0]["content"] for r in records)
-    for i, (r, minhash) in enumerate(zip(records, minhashes(texts, config.dedup_num_perm))):
-        if any(minhash.jaccard(kept_minhashes[j]) > threshold for j in lsh.query(minhash)):
-            continue
-        lsh.insert(i, minhash)
-        kept_minhashes[i] = minhash
+    for r, minhash in zip(records, minhashes(texts, num_perm)):
+        candidates = lsh.query(minhash)
+        if candidates:
+            jaccard = (kept_hashvalues[candidates] == minhash.hashvalues).sum(axis=1) / num_perm
+            if (jaccard > threshold).any():
+                continue
+        lsh.insert(len(kept), minhash)
+        kept_hashvalues[len(kept)] = minhash.hashvalues
         kept.append(r)
     stats["near_duplicates"] = {"records": len(records), "dropped": len(records) - len(kept), "kept": len(kept)}
     return kept

@@ -33,6 +33,9 @@ from rugpt_assets.core.configs import MergeConfig
 
 log = logging.getLogger(__name__)
 
+# Dagster's code_version of merged_model: bump when the same inputs would give other bytes.
+MERGE_VERSION = "1"
+
 OUTPUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,7 +56,7 @@ _OTHER_WEIGHTS = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt",
 # GPT-2's projections are `Conv1D`, which stores weights as (in, out). PEFT decides the
 # transpose per module class and overrides `fan_in_fan_out` when it disagrees (with a
 # warning), so the module kind, not the flag, says how the delta was trained.
-_CONV1D_MODULES = {"c_attn", "c_fc", "q_attn"}
+_CONV1D_MODULES = {"c_attn", "c_proj", "c_fc", "q_attn"}
 
 _ADAPTER_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 
@@ -87,8 +90,8 @@ class MergeReport:
     shards: int
     output_bytes: int
     dtype: str
-    wall_seconds: float
-    peak_rss_bytes: int  # of this process since it started (getrusage), not just the merge
+    wall_time_s: float
+    peak_rss_gb: float  # 10^9 bytes; of this process since it started (getrusage), not just the merge
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,6 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = Me
         shards=len(shards),
         output_bytes=output_bytes,
         dtype=dtype,
-        wall_seconds=time.perf_counter() - start,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        wall_time_s=time.perf_counter() - start,
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
     )

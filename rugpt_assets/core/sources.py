@@ -185,8 +185,8 @@ def _dialogues(value: Any, column: Column) -> list[dict[str, list[dict[str, str]
 _READ_COLUMN = {"text": _text, "messages": _messages, "dialogues": _dialogues}
 
 
-def normalize_row(spec: SourceSpec, raw: Any) -> dict[str, Any]:
-    """The used columns of one raw row, normalized; raises ``ValueError`` (with the reason)."""
+def _normalize_row(spec: SourceSpec, raw: Any) -> dict[str, Any]:
+    """The used columns of one raw row, normalized; a misfit raises `_RowError` with its reason."""
     if not isinstance(raw, dict):
         raise _RowError("not_an_object")
     row = {}
@@ -207,7 +207,7 @@ def normalize_rows(spec: SourceSpec, raw_rows: Iterable[dict | RawLineError]) ->
             reason, where = "malformed_json", f"line {raw.line}: malformed_json ({raw.error})"
         else:
             try:
-                rows.append(normalize_row(spec, raw))
+                rows.append(_normalize_row(spec, raw))
                 continue
             except _RowError as e:
                 reason, where = e.reason, f"row {n}: {e.reason}"
@@ -258,6 +258,25 @@ def content_hash(spec: SourceSpec, sources_dir: Path) -> str:
     return sha256_file(_local_file(spec, sources_dir))
 
 
+def _hub_error(spec: SourceSpec, revision: str | None, e: Exception) -> SourceHubError:
+    return SourceHubError(
+        f"source {spec.name!r}: could not load {spec.repo} split {spec.split!r} at revision "
+        f"{revision or 'the default branch'}: {type(e).__name__}: {e}. Fix: check network access "
+        f"to huggingface.co, set HF_TOKEN if the dataset needs a login, check that the "
+        f"revision exists; or mirror the data in the hub layout and set RUGPT_SOURCES_DIR."
+    )
+
+
+def hub_revision(spec: SourceSpec, revision: str | None = None, token: str | None = None) -> str:
+    """The commit sha that ``revision`` (None: the default branch) points to right now."""
+    import huggingface_hub  # heavy, and only the hub path needs it
+
+    try:
+        return huggingface_hub.HfApi().dataset_info(spec.repo, revision=revision, token=token).sha
+    except Exception as e:
+        raise _hub_error(spec, revision, e) from e
+
+
 def read_hub(
     spec: SourceSpec, revision: str | None = None, token: str | None = None
 ) -> tuple[Iterator[dict], str]:
@@ -266,20 +285,13 @@ def read_hub(
     ``revision`` None means the default branch. The sha is resolved first and the data is
     loaded at that sha, so the reported revision is exactly the data read.
     """
-    # Imported here: heavy, and only the hub path needs them.
-    import datasets
-    import huggingface_hub
+    sha = hub_revision(spec, revision, token)
+    import datasets  # heavy, and only the hub path needs it
 
     try:
-        sha = huggingface_hub.HfApi().dataset_info(spec.repo, revision=revision, token=token).sha
         dataset = datasets.load_dataset(spec.repo, split=spec.split, revision=sha, token=token)
     except Exception as e:
-        raise SourceHubError(
-            f"source {spec.name!r}: could not load {spec.repo} split {spec.split!r} at revision "
-            f"{revision or 'main (default)'}: {type(e).__name__}: {e}. Fix: check network access "
-            f"to huggingface.co, set HF_TOKEN if the dataset needs a login, check that the "
-            f"revision exists; or mirror the data in the hub layout and set RUGPT_SOURCES_DIR."
-        ) from e
+        raise _hub_error(spec, revision, e) from e
     return iter(dataset), sha
 
 

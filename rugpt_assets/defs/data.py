@@ -78,7 +78,7 @@ def chat_set(
             "train_chats": len(result.train),
             "val_chats": len(result.val),
             "counts_by_source": _counts_table(summary),
-            "length_stats": dg.MetadataValue.json(summary["lengths"]),
+            "length_stats": dg.MetadataValue.json({"chars": summary["chars"], "messages": summary["messages"]}),
             "recipe_stats": dg.MetadataValue.json(result.stats),
             "bad_substrings": len(bad),
             "preview": dg.MetadataValue.md(_chat_preview(result.train)),

@@ -75,7 +75,7 @@ def test_fp32_merge_matches_peft(work, tmp_path, adapter, n_merged):
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
     want = _peft_logits(work, adapter, ids)
     merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out", trust_remote_code=False)
-    assert _rel_err(_logits(merged, ids), want) <= 1e-3  # ~1e-7 seen: only summation order differs
+    assert _rel_err(_logits(merged, ids), want) <= 1e-3  # 2e-7 to 1e-6 seen: only summation order differs
     # The LoRA really moves the logits, so a merge that dropped it would fail the bound above.
     assert _rel_err(_logits(GPT2LMHeadModel.from_pretrained(work / "base"), ids), want) > 1e-2
     assert (report.tensors_merged, report.shards, report.dtype) == (n_merged, 1, "float32")
@@ -92,7 +92,7 @@ def test_fp16_merge_is_close_and_keeps_non_weight_files(work, tmp_path):
     assert (out / "generation_config.json").is_file() and not (out / "training_args.bin").exists()
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
     merged = GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32)
-    # float16 keeps 11 significant bits (relative step 2^-11 ~ 5e-4 per weight); 1e-2 leaves room for accumulation.
+    # float16 rounds each weight by up to 2^-11 relative; 3e-4 seen here, 1e-2 leaves room.
     assert _rel_err(_logits(merged, ids), _peft_logits(work, "adapter", ids)) <= 1e-2
 
 

@@ -1,0 +1,412 @@
+"""The GGML container llm-rs 0.2.15 reads for GPT-2: writing it from safetensors, reading it back.
+
+Layout (unversioned GGML, little-endian i32 unless said otherwise):
+
+    magic 0x67676d6c
+    n_vocab, n_ctx, n_embd, n_head, n_layer, ftype          (ftype: 1 = f16, 2000 + type quantized)
+    n_vocab again, then n_vocab × (u32 length, token bytes)   (no scores in this container)
+    tensors until EOF: n_dims, name length, ggml type, ne[0..n_dims) (innermost first), name, data
+
+Tensor names and the choice of f16/f32 per tensor are those of llm-rs's own GPT-2 converter
+(and ggml's gpt-2 example): 2-D weights and the embeddings `model/wte`, `model/lm_head` in
+f16; `model/wpe`, biases and layer norms in f32; Conv1D weights transposed to (out, in).
+
+Unlike llm-rs's converter, which loads the whole model and writes the vocabulary as decoded
+text (single-byte tokens become U+FFFD, DESIGN §5), `write_ggml_f16` streams one tensor at a
+time from the safetensors files and writes each token's raw bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+from llm_rs import ContainerType, QuantizationType
+from llm_rs.auto import KnownModels, ModelMetadata, QuantizationVersions
+from safetensors import safe_open
+from transformers import AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from rugpt_assets.core.artifacts import atomic_file, sha256_file
+
+# Dagster's code_version of the GGML assets: bump when the same model would give other bytes.
+GGML_WRITER_VERSION = "1"
+
+GGML_MAGIC = 0x67676D6C
+FTYPE_F16 = 1
+# llm-rs 0.2.15 sizes its ggml memory pool without the 16-byte alignment ggml pads each tensor
+# to: a file with any tensor whose byte size is not a multiple of 16 aborts the whole process
+# on load ("not enough space in the context's memory pool").
+LLM_RS_TENSOR_ALIGN = 16
+QUANT_BLOCK = 32  # elements per block of every quantized type written here
+QUANT_VERSION_FACTOR = 1000  # a quantized file's ftype is 1000 * quantization version + type
+
+# HF GPT-2 parameter name (without the `transformer.` prefix) → GGML name.
+_BLOCK_NAMES = {
+    "ln_1.weight": "ln_1/g",
+    "ln_1.bias": "ln_1/b",
+    "attn.c_attn.weight": "attn/c_attn/w",
+    "attn.c_attn.bias": "attn/c_attn/b",
+    "attn.c_proj.weight": "attn/c_proj/w",
+    "attn.c_proj.bias": "attn/c_proj/b",
+    "ln_2.weight": "ln_2/g",
+    "ln_2.bias": "ln_2/b",
+    "mlp.c_fc.weight": "mlp/c_fc/w",
+    "mlp.c_fc.bias": "mlp/c_fc/b",
+    "mlp.c_proj.weight": "mlp/c_proj/w",
+    "mlp.c_proj.bias": "mlp/c_proj/b",
+}
+_BLOCK_RE = re.compile(r"h\.(\d+)\.(.+)")
+_MASK_BUFFER_RE = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+
+@dataclass(frozen=True)
+class GGMLHparams:
+    n_vocab: int
+    n_ctx: int
+    n_embd: int
+    n_head: int
+    n_layer: int
+    ftype: int
+
+
+@dataclass(frozen=True)
+class GGMLTensor:
+    name: str
+    type: GGMLQuantizationType
+    ne: tuple[int, ...]  # GGML order: innermost (row length) first
+    data: np.ndarray  # raw bytes (uint8), a view into the file
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy/torch order."""
+        return tuple(reversed(self.ne))
+
+    def to_numpy(self) -> np.ndarray:
+        """Dequantized to float32 in numpy order; the quantized block formats (Q4_0…Q8_0)
+        are the same bytes as GGUF's, so gguf's numpy kernels read them."""
+        rows = self.data.reshape(-1, self.data.size // int(np.prod(self.ne[1:], dtype=np.int64)))
+        return dequantize(rows, self.type).reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class GGMLFile:
+    hparams: GGMLHparams
+    vocab: list[bytes]
+    tensors: dict[str, GGMLTensor]
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _tensor_plan(model_dir: Path, config: dict) -> list[tuple[str, str, Path]]:
+    """(ggml name, safetensors name, file) in llm-rs's converter order; lm_head from wte when tied."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = {k: model_dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    elif (model_dir / "model.safetensors").exists():
+        with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+            weight_map = {k: model_dir / "model.safetensors" for k in f.keys()}
+    else:
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+    by_ggml: dict[str, str] = {}
+    for name in weight_map:
+        short = name.removeprefix("transformer.")
+        if _MASK_BUFFER_RE.fullmatch(short):
+            continue  # causal-mask buffers saved by old checkpoints, not parameters
+        if short == "lm_head.weight":
+            by_ggml["model/lm_head"] = name
+        elif short in ("wte.weight", "wpe.weight"):
+            by_ggml[f"model/{short.split('.')[0]}"] = name
+        elif short in ("ln_f.weight", "ln_f.bias"):
+            by_ggml["model/ln_f/" + ("g" if short.endswith("weight") else "b")] = name
+        elif (m := _BLOCK_RE.fullmatch(short)) and m.group(2) in _BLOCK_NAMES:
+            by_ggml[f"model/h{m.group(1)}/{_BLOCK_NAMES[m.group(2)]}"] = name
+        else:
+            raise ValueError(f"{model_dir}: tensor {name!r} is not part of a GPT-2 LM (GPT2LMHeadModel)")
+    if "model/lm_head" not in by_ggml:
+        if not config.get("tie_word_embeddings", True):
+            raise ValueError(f"{model_dir}: lm_head.weight is missing and the embeddings are not tied")
+        by_ggml["model/lm_head"] = by_ggml.get("model/wte", "")
+
+    order = ["model/wte", "model/wpe"]
+    for i in range(config["n_layer"]):
+        order += [f"model/h{i}/{v}" for v in _BLOCK_NAMES.values()]
+    order += ["model/ln_f/g", "model/ln_f/b", "model/lm_head"]
+    missing = [n for n in order if not by_ggml.get(n)]
+    if missing:
+        raise ValueError(f"{model_dir}: safetensors lack tensors for {', '.join(missing[:5])}")
+    return [(n, by_ggml[n], weight_map[by_ggml[n]]) for n in order]
+
+
+def _check_config(model_dir: Path, config: dict) -> None:
+    problems = []
+    if config.get("model_type") != "gpt2":
+        problems.append(f"model_type is {config.get('model_type')!r}, expected 'gpt2'")
+    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
+        problems.append("n_inner must be 4 * n_embd (llm-rs's GPT-2 assumes it)")
+    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        problems.append("activation_function must be the tanh GELU (gelu_new) that ggml computes")
+    if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
+        problems.append("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported by ggml")
+    if problems:
+        raise ValueError(f"{model_dir}/config.json cannot be exported to GGML: " + "; ".join(problems))
+
+
+def tokenizer_vocab_bytes(tokenizer, n_vocab: int) -> list[bytes]:
+    """Each id's raw bytes: byte-level BPE tokens mapped back through GPT-2's byte↔unicode
+    table, added (special) tokens as their literal UTF-8 text. Ids the tokenizer does not use
+    (the model's embedding may be padded past it) get empty entries."""
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    vocab = [b""] * n_vocab
+    for token, i in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).items():
+        if i >= n_vocab:
+            raise ValueError(f"tokenizer id {i} ({token!r}) is past the model's vocab_size {n_vocab}")
+        if i in added:
+            vocab[i] = added[i].encode("utf-8")
+        elif all(ch in byte_of for ch in token):
+            vocab[i] = bytes(byte_of[ch] for ch in token)
+        else:
+            raise ValueError(
+                f"token {i} {token!r} is not byte-level BPE; only GPT-2 style byte-level "
+                "tokenizers can be written to a GGML vocabulary"
+            )
+    if b"<|endoftext|>" not in vocab:
+        raise ValueError("the tokenizer has no <|endoftext|> token, which llm-rs's GPT-2 requires")
+    return vocab
+
+
+def tokenizer_sidecar(ggml_path: Path) -> Path:
+    """The BPE tokenizer written next to a GGML file, for llm-rs (see `write_llm_rs_tokenizer`)."""
+    return Path(ggml_path).with_suffix(".tokenizer.json")
+
+
+def write_llm_rs_tokenizer(tokenizer, out_path: Path) -> None:
+    """The tokenizer as a `tokenizer.json` llm-rs's bundled `tokenizers` can parse.
+
+    llm-rs's tokenizer for the vocabulary inside a GGML file is not BPE (it picks the
+    segmentation with the longest pieces), so text such as " —" or tabs gets other ids than in
+    training. Given a `tokenizer.json` it runs the real BPE, but it only reads merges written
+    as "a b" strings, while current `tokenizers` writes them as pairs (DESIGN §5). Byte-level
+    tokens never contain a space, so joining a pair with one is unambiguous.
+    """
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    with atomic_file(out_path) as tmp:
+        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def _check_quantizable(model_dir: Path, ggml_name: str, shape: tuple[int, ...]) -> None:
+    """A 2-D weight becomes blocks of 32 of 18-34 bytes; llm-rs loads the result only if its
+    size is a multiple of 16 bytes, which holds for every type when rows × blocks per row is
+    a multiple of 8 (see LLM_RS_TENSOR_ALIGN)."""
+    rows, cols = shape
+    if cols % QUANT_BLOCK or rows * (cols // QUANT_BLOCK) % 8:
+        raise ValueError(
+            f"{model_dir}: {ggml_name} has shape {shape}; its quantized files would not load in llm-rs. "
+            f"Rows need a multiple of {QUANT_BLOCK} elements (n_embd) and rows × row/{QUANT_BLOCK} a "
+            "multiple of 8: pad vocab_size to a multiple of 8 (ruGPT-3.5's 50272 is one)."
+        )
+
+
+def _ggml_array(ggml_name: str, tensor: torch.Tensor) -> np.ndarray:
+    """llm-rs's converter: Conv1D weights transposed to (out, in); 2-D weights in f16, the rest f32."""
+    if ggml_name.endswith("/w"):
+        tensor = tensor.T
+    dtype = torch.float16 if tensor.ndim == 2 and ggml_name != "model/wpe" else torch.float32
+    out = tensor.to(dtype).contiguous()
+    if not torch.isfinite(out).all():
+        raise ValueError(f"tensor {ggml_name} has values that overflow {dtype} (or are NaN/inf)")
+    return out.numpy()
+
+
+def _write_tensor_header(f, name: str, ggml_type: int, shape: tuple[int, ...]) -> None:
+    encoded = name.encode("utf-8")
+    f.write(struct.pack("<3i", len(shape), len(encoded), ggml_type))
+    f.write(struct.pack(f"<{len(shape)}i", *reversed(shape)))
+    f.write(encoded)
+
+
+def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
+    """Export a GPT-2 safetensors checkpoint to llm-rs's f16 GGML file, plus its `.meta` and
+    `.tokenizer.json` sidecars.
+
+    Streams: one tensor is read, converted and written at a time (peak memory ≈ the largest
+    tensor, not the model). Returns a summary: tensors, parameters (elements stored in the
+    file, a tied lm_head counted again: the denominator of bits per weight), size_bytes.
+    """
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    _check_config(model_dir, config)
+    plan = _tensor_plan(model_dir, config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        vocab = tokenizer_vocab_bytes(tokenizer, config["vocab_size"])
+    except ValueError as exc:
+        raise ValueError(f"{model_dir}: {exc}") from exc
+    hparams = (config["vocab_size"], config["n_positions"], config["n_embd"], config["n_head"], config["n_layer"])
+
+    # Sidecars first: once the .bin exists, everything that goes with it does too.
+    write_llm_rs_tokenizer(tokenizer, tokenizer_sidecar(out_path))
+    write_llm_rs_meta(out_path, QuantizationType.F16)
+    parameters = 0
+    with atomic_file(out_path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<7i", GGML_MAGIC, *hparams, FTYPE_F16))
+            f.write(struct.pack("<i", len(vocab)))
+            for token in vocab:
+                f.write(struct.pack("<I", len(token)))
+                f.write(token)
+            for ggml_name, st_name, st_file in plan:
+                # Opened per tensor: a safetensors memory map keeps every page it touched
+                # resident until closed, which would grow RSS to the whole shard.
+                with safe_open(st_file, framework="pt") as st:
+                    data = _ggml_array(ggml_name, st.get_tensor(st_name))
+                if data.dtype == np.float16:
+                    _check_quantizable(model_dir, ggml_name, data.shape)
+                ggml_type = GGMLQuantizationType.F16 if data.dtype == np.float16 else GGMLQuantizationType.F32
+                _write_tensor_header(f, ggml_name, ggml_type, data.shape)
+                data.tofile(f)
+                parameters += data.size
+                del data
+        written = read_ggml(tmp)
+        if list(written.tensors) != [name for name, _, _ in plan] or written.vocab != vocab:
+            raise RuntimeError(f"{tmp}: the file read back differs from what was written")
+    return {"tensors": len(plan), "parameters": parameters, "size_bytes": out_path.stat().st_size}
+
+
+def meta_path(ggml_path: Path) -> Path:
+    """llm-rs's `AutoModel` finds a file's model type in this sidecar."""
+    return Path(ggml_path).with_suffix(".meta")
+
+
+def write_llm_rs_meta(ggml_path: Path, quantization: QuantizationType) -> Path:
+    """The `.meta` JSON llm-rs writes next to its files. No `base_model`: llm-rs would then try
+    to load a hub tokenizer, and the vocabulary inside the file is the one to use (DESIGN §5)."""
+    metadata = ModelMetadata(
+        model=KnownModels.Gpt2,
+        quantization=quantization,
+        container=ContainerType.GGML,
+        quantization_version=(
+            QuantizationVersions.Not_Quantized if quantization == QuantizationType.F16 else QuantizationVersions.V2
+        ),
+    )
+    with atomic_file(meta_path(ggml_path)) as tmp:
+        tmp.write_text(json.dumps(metadata.serialize(), indent=4) + "\n")
+    return meta_path(ggml_path)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_hparams(path: Path) -> GGMLHparams:
+    with open(path, "rb") as f:
+        magic, *hp = struct.unpack("<7i", f.read(28))
+    if magic != GGML_MAGIC:
+        raise ValueError(f"{path}: not an unversioned GGML file (magic {magic:#x}, expected {GGML_MAGIC:#x})")
+    return GGMLHparams(*hp)
+
+
+def read_ggml(path: Path) -> GGMLFile:
+    """Parse a GPT-2 GGML file; tensor data are memory-mapped views, read only when used."""
+    path = Path(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    pos = 0
+
+    def ints(n: int) -> tuple[int, ...]:
+        nonlocal pos
+        values = struct.unpack_from(f"<{n}i", buf, pos)
+        pos += 4 * n
+        return values
+
+    hparams = read_hparams(path)
+    pos = 28
+    (n_vocab,) = ints(1)
+    if n_vocab != hparams.n_vocab:
+        raise ValueError(f"{path}: vocabulary has {n_vocab} entries, hyperparameters say {hparams.n_vocab}")
+    vocab = []
+    for _ in range(n_vocab):
+        (length,) = ints(1)
+        vocab.append(bytes(buf[pos : pos + length]))
+        pos += length
+
+    tensors = {}
+    while pos < len(buf):
+        n_dims, name_len, type_id = ints(3)
+        ne = ints(n_dims)
+        name = bytes(buf[pos : pos + name_len]).decode("utf-8")
+        pos += name_len
+        ggml_type = GGMLQuantizationType(type_id)
+        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        nbytes = int(np.prod(ne, dtype=np.int64)) // block * block_bytes
+        if pos + nbytes > len(buf):
+            raise ValueError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
+        tensors[name] = GGMLTensor(name, ggml_type, tuple(ne), buf[pos : pos + nbytes])
+        pos += nbytes
+    return GGMLFile(hparams, vocab, tensors)
+
+
+def llm_rs_load_problems(ggml: GGMLFile) -> list[str]:
+    """Why llm-rs would abort loading this file (empty when it loads), see LLM_RS_TENSOR_ALIGN."""
+    return [
+        f"tensor {t.name} is {t.data.size} bytes, not a multiple of {LLM_RS_TENSOR_ALIGN}"
+        for t in ggml.tensors.values()
+        if t.data.size % LLM_RS_TENSOR_ALIGN
+    ]
+
+
+def file_figures(path: Path, f16_path: Path) -> dict:
+    """Size, bits per stored weight (file bits over tensor elements), ratio to the f16 file, sha256."""
+    elements = sum(int(np.prod(t.ne, dtype=np.int64)) for t in read_ggml(path).tensors.values())
+    size = Path(path).stat().st_size
+    return {
+        "size_bytes": size,
+        "parameters": elements,
+        "bits_per_weight": 8 * size / elements,
+        "ratio_to_f16": size / Path(f16_path).stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
+def iter_hf_state_dict(ggml: GGMLFile) -> Iterator[tuple[str, torch.Tensor]]:
+    """The file's weights, dequantized to float32, under GPT2LMHeadModel's parameter names."""
+    hf_block = {v: k for k, v in _BLOCK_NAMES.items()}
+    for name, tensor in ggml.tensors.items():
+        array = tensor.to_numpy()
+        if name == "model/lm_head":
+            yield "lm_head.weight", torch.from_numpy(array)
+            continue
+        if name in ("model/wte", "model/wpe"):
+            hf = f"transformer.{name.split('/')[1]}.weight"
+        elif name.startswith("model/ln_f/"):
+            hf = "transformer.ln_f." + ("weight" if name.endswith("/g") else "bias")
+        else:
+            layer, rest = name.removeprefix("model/h").split("/", 1)
+            hf = f"transformer.h.{layer}.{hf_block[rest]}"
+        if name.endswith("/w"):
+            array = array.T  # back to Conv1D's (in, out)
+        yield hf, torch.from_numpy(np.ascontiguousarray(array))
+
+
+def ggml_to_hf_model(path: Path, model_dir: Path):
+    """An HF GPT2LMHeadModel (architecture from `model_dir`'s config) carrying the GGML file's
+    own, dequantized weights — what perplexity of a quantized file is measured on."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config.from_pretrained(model_dir)
+    config.tie_word_embeddings = False  # the file has its own (possibly differently quantized) lm_head
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    state = dict(iter_hf_state_dict(read_ggml(path)))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

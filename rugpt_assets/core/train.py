@@ -1,0 +1,594 @@
+"""LoRA fine-tuning of the GPT-2 base on the chat set (DESIGN §4, §7): a plain loop, not HF Trainer.
+
+Run ``python -m rugpt_assets.core.train --config job.json`` (under ``torchrun --nproc_per_node N``
+for DDP), or call `train_lora` in-process. ``job.json`` holds the `TrainJob` paths and a
+``"train"`` object of `TrainConfig` values. Launched by Dagster Pipes (``DAGSTER_PIPES_CONTEXT``
+set), rank 0 streams progress lines and the final materialization metadata back; otherwise
+progress goes to stdout. ``adapter_dir/metrics.json`` holds the same numbers either way.
+
+Resume. Checkpoints live in ``run_dir/<run key>/checkpoint-<step>/`` (LoRA weights, optimizer,
+scheduler, grad scaler, step, history). The run key hashes the TrainConfig, the world size, the
+bytes of the train/val files and the base model directory's file names, sizes and modification
+times (an identity, not a content hash: rewriting the base model starts afresh rather than
+hashing 26 GB). A run with the same key continues from its latest checkpoint; anything else
+starts fresh. Data order and dropout masks are functions of (seed, step, rank), so the step is
+all the data position and RNG state a resumed run needs to repeat the uninterrupted one.
+
+Loss. Every optimizer step averages next-token cross-entropy over all target tokens of its
+rows, whichever micro-batch or rank they land on; so packing, gradient accumulation and DDP
+change the arithmetic grouping only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+from rugpt_assets.core.artifacts import atomic_dir, read_jsonl, sha256_file
+from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
+from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
+from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+JOB_PATHS = ("base_model_dir", "train_path", "val_path", "adapter_dir", "run_dir")
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    base_model_dir: Path
+    train_path: Path  # jsonl rows {"messages": [{"role", "content"}, ...], "source": ...}
+    val_path: Path
+    adapter_dir: Path  # output, written atomically
+    run_dir: Path  # checkpoints, one subdirectory per run key
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_json(cls, path: Path) -> TrainJob:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+        unknown = sorted(set(values) - {*JOB_PATHS, "train"})
+        missing = [k for k in JOB_PATHS if k not in values]
+        if unknown or missing:
+            raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing}; expected {JOB_PATHS} and 'train'")
+        return cls(**{k: Path(values[k]) for k in JOB_PATHS}, config=from_dict(TrainConfig, values.get("train", {})))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: str(getattr(self, k)) for k in JOB_PATHS}, "train": to_dict(self.config)}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # base weights and autocast; LoRA weights stay fp32
+    rank: int = 0
+    world_size: int = 1
+    owns_process_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_runtime(cfg: TrainConfig) -> Runtime:
+    """Device, precision and DDP rank; rejects settings that cannot run here before anything loads."""
+    cuda = torch.cuda.is_available()
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={cfg.device!r}: use 'auto', 'cpu' or 'cuda'")
+    if cfg.device == "cuda" and not cuda:
+        raise ValueError("device='cuda' but no CUDA GPU is visible: set device to 'auto' or 'cpu'")
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    on_gpu = cuda and cfg.device != "cpu"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+
+    if cfg.precision == "auto":
+        dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    elif cfg.precision in PRECISIONS:
+        dtype = PRECISIONS[cfg.precision]
+    else:
+        raise ValueError(f"precision={cfg.precision!r}: use 'auto', 'bf16', 'fp16' or 'fp32'")
+    if dtype == torch.float16 and not on_gpu:
+        raise ValueError("precision='fp16' needs a CUDA GPU: use 'fp32' (or 'bf16') on the CPU")
+    if cfg.load_in_8bit and cfg.load_in_4bit:
+        raise ValueError("load_in_8bit and load_in_4bit are both true: set one of them to false")
+    for flag in ("load_in_8bit", "load_in_4bit"):
+        if getattr(cfg, flag) and not on_gpu:
+            raise ValueError(
+                f"{flag}=true needs a CUDA GPU (bitsandbytes quantizes on the GPU) and this run is on the CPU: "
+                f"set {flag} to false, or run on a GPU"
+            )
+        if getattr(cfg, flag) and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"{flag}=true needs bitsandbytes: pip install 'rugpt-assets[gpu]', or set {flag} to false")
+
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
+        if on_gpu:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    return Runtime(device, dtype, rank, world_size, owns_group)
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    # GPT-2's Conv1D stores weights transposed: fan_in_fan_out (DESIGN §4).
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        target_modules=list(cfg.lora_target_modules),
+        fan_in_fan_out=True,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_lora_model(base_model_dir: Path, cfg: TrainConfig, rt: Runtime) -> PeftModel:
+    """The base model (safetensors only, no remote code) on ``rt.device`` with a fresh LoRA adapter."""
+    quantization = None
+    if cfg.load_in_8bit or cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_8bit=cfg.load_in_8bit,
+            load_in_4bit=cfg.load_in_4bit,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=rt.dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model_dir,
+        dtype=rt.dtype,
+        device_map={"": rt.device},
+        quantization_config=quantization,
+        trust_remote_code=False,
+        use_safetensors=True,
+    )
+    model.config.use_cache = False
+    # Non-reentrant checkpointing gets gradients through frozen embeddings by itself, so PEFT's
+    # enable_input_require_grads workaround (needed for the reentrant kind) is not needed.
+    checkpointing = {"use_reentrant": False}
+    if quantization is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    torch.manual_seed(cfg.seed)  # LoRA A initialisation
+    return get_peft_model(model, lora_config(cfg))
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def load_chats(path: Path, tokenizer: Any, cfg: TrainConfig) -> tuple[list[TokenizedChat], int]:
+    """Tokenized chats of a jsonl split, and how many were skipped for having no target token
+    within ``max_tokens_count`` (they would add nothing to the loss)."""
+    chats, skipped = [], 0
+    for n, row in enumerate(read_jsonl(path), 1):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not (
+            isinstance(messages, list)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+        ):
+            raise ValueError(f'{path}, row {n}: expected {{"messages": [{{"role": str, "content": str}}, ...]}}')
+        chat = TokenizedChat(*tokenize_chat(messages, tokenizer, cfg.max_tokens_count, cfg.system_prompt))
+        if chat.n_targets:
+            chats.append(chat)
+        else:
+            skipped += 1
+    if not chats:
+        raise ValueError(f"{path}: no chat has a bot message within max_tokens_count={cfg.max_tokens_count}")
+    return chats, skipped
+
+
+def make_rows(chats: Sequence[TokenizedChat], cfg: TrainConfig) -> list[Row]:
+    """Packed rows, or one chat per row (the seed's shape) when packing is off."""
+    if not cfg.packing:
+        return [[chat] for chat in chats]
+    return [[chats[i] for i in row] for row in pack([len(c) for c in chats], cfg.pack_tokens)]
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """The rows of each optimizer step: a function of (seed, step) only, so a resumed run reads
+    exactly what the uninterrupted one would have. Each epoch reshuffles the rows; a last partial
+    step's worth of rows is left out of that epoch."""
+
+    rows: list[Row]
+    rows_per_step: int  # per_device_batch_size × gradient_accumulation_steps × world size
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.rows) // self.rows_per_step
+
+    def step_rows(self, step: int) -> list[Row]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return [self.rows[i] for i in order[k * self.rows_per_step : (k + 1) * self.rows_per_step].tolist()]
+
+
+def micro_batches(rows: Sequence[Row], rt: Runtime, batch_size: int) -> list[Sequence[Row]]:
+    """This rank's share of ``rows``, in micro-batches of ``batch_size`` rows."""
+    mine = rows[rt.rank :: rt.world_size]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+
+def loss_sum(model: torch.nn.Module, batch: Batch, rt: Runtime) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's targets (fp32)."""
+    with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32):
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def train_step(model, optimizer, scheduler, scaler, batches: Sequence[Batch], n_targets: int, cfg: TrainConfig, rt: Runtime) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches; ``n_targets`` counts the targets of the
+    whole step (all ranks). Returns the step's mean loss and the gradient norm before clipping."""
+    total = torch.zeros((), device=rt.device)
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1 or not rt.distributed
+        with nullcontext() if sync else model.no_sync():
+            loss = loss_sum(model, batch, rt)
+            # DDP averages gradients over ranks; × world_size turns that into the global sum.
+            scaler.scale(loss * (rt.world_size / n_targets)).backward()
+        total += loss.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if rt.distributed:
+        dist.all_reduce(total)
+    return total.item() / n_targets, grad_norm.item()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, rows: Sequence[Row], filler_id: int, cfg: TrainConfig, rt: Runtime) -> float:
+    """Mean next-token loss over all target tokens of ``rows`` (split over ranks)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for batch_rows in micro_batches(rows, rt, cfg.per_device_batch_size):
+        batch = collate(batch_rows, filler_id).to(rt.device)
+        sums[0] += loss_sum(model, batch, rt)
+        sums[1] += batch.n_targets
+    if rt.distributed:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    return (sums[0] / sums[1]).item()
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def run_key(job: TrainJob, world_size: int) -> str:
+    base = sorted(
+        (p.relative_to(job.base_model_dir).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in Path(job.base_model_dir).rglob("*")
+        if p.is_file()
+    )
+    identity = {
+        "config": to_dict(job.config),
+        "world_size": world_size,
+        "train": sha256_file(job.train_path),
+        "val": sha256_file(job.val_path),
+        "base_model": base,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoints(run: Path) -> list[Path]:
+    return sorted(run.glob("checkpoint-*"))  # zero-padded steps sort in order
+
+
+def save_checkpoint(run: Path, model, optimizer, scheduler, scaler, state: dict[str, Any]) -> None:
+    with atomic_dir(run / f"checkpoint-{state['step']:06d}") as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable(model).items()}, tmp / "lora.safetensors")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
+            tmp / "optimizer.pt",
+        )
+        (tmp / "state.json").write_text(json.dumps(state))
+    for old in checkpoints(run)[:-1]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rt: Runtime) -> dict[str, Any]:
+    weights, params = load_file(path / "lora.safetensors"), trainable(model)
+    if weights.keys() != params.keys():
+        raise RuntimeError(f"{path}: its LoRA tensors do not match this model's; delete the checkpoint to start fresh")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    states = torch.load(path / "optimizer.pt", map_location=rt.device, weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    scaler.load_state_dict(states["scaler"])
+    return json.loads((path / "state.json").read_text())
+
+
+# --- reporting -------------------------------------------------------------------------------
+
+
+class Reporter(Protocol):
+    def log(self, message: str) -> None: ...
+
+    def report(self, metrics: dict[str, Any], loss_curve_png: bytes) -> None: ...
+
+
+class LogReporter:
+    """Progress and the final numbers through `logging` (stdout under the CLI)."""
+
+    def log(self, message: str) -> None:
+        log.info(message)
+
+    def report(self, metrics: dict[str, Any], loss_curve_png: bytes) -> None:
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+        log.info("result %s", json.dumps(scalars))
+
+
+class NullReporter:
+    """DDP ranks other than 0 stay quiet."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def report(self, metrics: dict[str, Any], loss_curve_png: bytes) -> None:
+        pass
+
+
+class PipesReporter:
+    """Progress as Dagster log lines, the result as the asset's materialization metadata."""
+
+    def __init__(self, context: Any):  # dagster_pipes.PipesContext
+        self.context = context
+
+    def log(self, message: str) -> None:
+        self.context.log.info(message)
+
+    def report(self, metrics: dict[str, Any], loss_curve_png: bytes) -> None:
+        def value(key: str, kind: str) -> dict[str, Any]:
+            return {"raw_value": metrics[key], "type": kind}
+
+        image = base64.b64encode(loss_curve_png).decode()
+        metadata = {key: value(key, "float") for key in FLOAT_METRICS}
+        metadata |= {key: value(key, "int") for key in INT_METRICS}
+        metadata["lora_config"] = value("lora_config", "json")
+        metadata["loss_curve"] = {"raw_value": f"![loss](data:image/png;base64,{image})", "type": "md"}
+        self.context.report_asset_materialization(metadata=metadata)
+
+
+FLOAT_METRICS = ("eval_loss", "base_eval_loss", "train_loss", "tokens_per_second", "wall_time_s", "peak_memory_gb")
+INT_METRICS = ("steps", "tokens_seen", "resumed_from_step")
+
+
+def loss_curve_png(losses: Sequence[float], evals: Sequence[Sequence[float]], base_eval_loss: float) -> bytes:
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
+    ax.plot(range(1, len(losses) + 1), losses, label="train")
+    ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval")
+    ax.axhline(base_eval_loss, linestyle="--", color="gray", label="base model eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict[str, Any], png: bytes) -> None:
+    """adapter_config.json, adapter_model.safetensors, tokenizer, generation_config.json (from the
+    base), metrics.json and loss_curve.png; checked, then renamed into place."""
+    with atomic_dir(job.adapter_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        generation = Path(job.base_model_dir) / "generation_config.json"
+        if generation.exists():
+            shutil.copy2(generation, tmp / generation.name)
+        (tmp / "loss_curve.png").write_bytes(png)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        saved = load_file(tmp / "adapter_model.safetensors")
+        if len(saved) != len(trainable(model)) or not all(t.isfinite().all() for t in saved.values()):
+            raise RuntimeError(f"adapter written to {tmp} is incomplete or not finite")
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def train_lora(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
+    """Train (or resume) the LoRA adapter of ``job``; rank 0 writes ``job.adapter_dir``."""
+    started = time.perf_counter()
+    rt = start_runtime(job.config)
+    try:
+        return _train(job, reporter or LogReporter() if rt.is_main else NullReporter(), rt, started)
+    finally:
+        if rt.owns_process_group:
+            dist.destroy_process_group()
+
+
+def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> TrainResult:
+    cfg = job.config
+    tokenizer = AutoTokenizer.from_pretrained(job.base_model_dir, trust_remote_code=False)
+    filler_id = tokenizer.eos_token_id
+    train_chats, skipped = load_chats(job.train_path, tokenizer, cfg)
+    val_chats, _ = load_chats(job.val_path, tokenizer, cfg)
+    val_chats = val_chats[: cfg.max_eval_chats or None]
+    positions = AutoConfig.from_pretrained(job.base_model_dir).max_position_embeddings
+    longest = max(len(c) for c in train_chats + val_chats)
+    if longest > positions:
+        raise ValueError(f"chats reach {longest} tokens, more than the model's {positions} positions: lower max_tokens_count")
+    plan = DataPlan(make_rows(train_chats, cfg), cfg.per_device_batch_size * cfg.gradient_accumulation_steps * rt.world_size, cfg.seed)
+    if plan.steps_per_epoch == 0:
+        raise ValueError(
+            f"{job.train_path} makes {len(plan.rows)} rows, fewer than one optimizer step's {plan.rows_per_step} "
+            f"(per_device_batch_size × gradient_accumulation_steps × {rt.world_size} processes): lower those or add data"
+        )
+    val_rows = make_rows(val_chats, cfg)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * plan.steps_per_epoch))
+
+    key = run_key(job, rt.world_size)
+    run = Path(job.run_dir) / key[:16]
+    if rt.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        for stale in run.glob(".checkpoint-*"):  # temporaries of a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        (run / "run.json").write_text(json.dumps({"run_key": key, **job.to_json()}, indent=2))
+
+    model = load_lora_model(job.base_model_dir, cfg, rt)
+    optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    latest = checkpoints(run)[-1:] if run.exists() else []
+    if latest:
+        state = load_checkpoint(latest[0], model, optimizer, scheduler, scaler, rt)
+        if state["run_key"] != key:
+            raise RuntimeError(f"{latest[0]} belongs to another run; delete it to start fresh")
+        reporter.log(f"resuming from {latest[0]} (step {state['step']})")
+    else:
+        with model.disable_adapter():
+            base_eval_loss = evaluate(model, val_rows, filler_id, cfg, rt)
+        state = {"run_key": key, "step": 0, "losses": [], "evals": [], "base_eval_loss": base_eval_loss, "tokens_seen": 0, "train_time_s": 0.0}
+    resumed_from_step = state["step"]
+    reporter.log(
+        f"{len(train_chats)} train chats ({skipped} without targets skipped) in {len(plan.rows)} rows, "
+        f"{len(val_chats)} val chats; {total_steps} steps of {plan.rows_per_step} rows on {rt.world_size} × {rt.device} "
+        f"{str(rt.dtype).removeprefix('torch.')}; base model eval loss {state['base_eval_loss']:.4f}"
+    )
+
+    model.train()
+    ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else model
+    for step in range(state["step"], total_steps):
+        torch.manual_seed(cfg.seed + step * rt.world_size + rt.rank)  # dropout masks: a function of the step
+        t0 = time.perf_counter()
+        rows = plan.step_rows(step)
+        batches = [collate(r, filler_id).to(rt.device) for r in micro_batches(rows, rt, cfg.per_device_batch_size)]
+        lr = optimizer.param_groups[0]["lr"]
+        loss, grad_norm = train_step(ddp, optimizer, scheduler, scaler, batches, sum(c.n_targets for r in rows for c in r), cfg, rt)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(c) for r in rows for c in r)
+        state.update(step=step + 1, tokens_seen=state["tokens_seen"] + tokens, train_time_s=state["train_time_s"] + seconds)
+        state["losses"].append(loss)
+        reporter.log(f"step {step + 1}/{total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f} tokens/s {tokens / seconds:,.0f}")
+        last = step + 1 == total_steps
+        if (step + 1) % cfg.eval_steps == 0 or last:
+            state["evals"].append([step + 1, evaluate(model, val_rows, filler_id, cfg, rt)])
+            reporter.log(f"step {step + 1} eval loss {state['evals'][-1][1]:.4f}")
+        if rt.is_main and ((step + 1) % cfg.save_steps == 0 or last):
+            save_checkpoint(run, model, optimizer, scheduler, scaler, state)
+
+    metrics = {
+        "eval_loss": state["evals"][-1][1],
+        "base_eval_loss": state["base_eval_loss"],
+        "train_loss": sum(state["losses"]) / len(state["losses"]),
+        "steps": state["step"],
+        "tokens_seen": state["tokens_seen"],
+        "tokens_per_second": state["tokens_seen"] / state["train_time_s"],
+        "wall_time_s": time.perf_counter() - started,
+        "peak_memory_gb": peak_memory_gb(rt.device),
+        "resumed_from_step": resumed_from_step,
+        "lora_config": {k: getattr(cfg, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
+        | {"bias": "none", "fan_in_fan_out": True},
+        "train_chats": len(train_chats),
+        "train_chats_skipped": skipped,
+        "train_rows": len(plan.rows),
+        "val_chats": len(val_chats),
+        "pack_fill": sum(len(c) for r in plan.rows for c in r) / (len(plan.rows) * cfg.pack_tokens) if cfg.packing else None,
+        "world_size": rt.world_size,
+        "device": rt.device.type,
+        "dtype": str(rt.dtype).removeprefix("torch."),
+        "run_key": key,
+        "loss_history": state["losses"],
+        "eval_history": state["evals"],
+    }
+    if rt.distributed:
+        metrics["ddp_rank_max_abs_diff"] = _rank_divergence(model, rt)
+    if rt.is_main:
+        png = loss_curve_png(state["losses"], state["evals"], state["base_eval_loss"])
+        write_adapter(job, model, tokenizer, metrics, png)
+        reporter.report(metrics, png)
+    return TrainResult(Path(job.adapter_dir), metrics)
+
+
+def _rank_divergence(model: torch.nn.Module, rt: Runtime) -> float:
+    """Largest difference between any rank's LoRA weights and this rank's (DDP keeps it 0)."""
+    flat = torch.cat([p.detach().flatten() for p in trainable(model).values()])
+    gathered = [torch.empty_like(flat) for _ in range(rt.world_size)]
+    dist.all_gather(gathered, flat)
+    return max((g - flat).abs().max().item() for g in gathered)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="LoRA-tune a GPT-2 base on chat jsonl files.")
+    parser.add_argument("--config", type=Path, required=True, help="job JSON: paths and a 'train' object of TrainConfig values")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
+    job = TrainJob.from_json(args.config)
+    if os.environ.get("DAGSTER_PIPES_CONTEXT") and int(os.environ.get("RANK", "0")) == 0:
+        from dagster_pipes import open_dagster_pipes
+
+        with open_dagster_pipes() as context:
+            train_lora(job, PipesReporter(context))
+    else:
+        train_lora(job)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Sources and chat_set materialized through Dagster into a temporary instance."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from rugpt_assets import settings
+from rugpt_assets.core import chat_recipe, sources
+from rugpt_assets.core.artifacts import StorageLayout, read_jsonl
+from rugpt_assets.definitions import defs
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_definitions_validate():
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-m", "rugpt_assets.definitions"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Validation successful" in result.stdout + result.stderr
+
+
+def _latest(instance, key: str) -> dict:
+    event = instance.get_latest_materialization_event(dg.AssetKey(key))
+    assert event is not None, f"{key} was not materialized"
+    return event.asset_materialization.metadata
+
+
+def test_sources_and_chat_set_materialize(instance, tmp_path):
+    selection = [f"raw_{s.name}" for s in sources.SOURCES] + ["chat_set"]
+    result = defs.get_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey(k) for k in selection})
+    run = result.execute_in_process(instance=instance)
+    assert run.success
+
+    gpt4 = _latest(instance, "raw_ru_instruct_gpt4")
+    assert gpt4["rows_read"].value == gpt4["rows_kept"].value + gpt4["rows_rejected"].value
+    assert gpt4["rows_rejected"].value == 3
+    assert gpt4["rejected_by_reason"].value == {
+        "malformed_json": 1, "missing_column:full_output": 1, "wrong_type:instruction": 1
+    }
+    assert gpt4["revision"].value.startswith("sha256:")
+    assert len(gpt4["preview"].value.records) == 5
+
+    chat = _latest(instance, "chat_set")
+    layout = StorageLayout(settings.storage_root())
+    train = list(read_jsonl(layout.chat_set / "train.jsonl"))
+    val = list(read_jsonl(layout.chat_set / "val.jsonl"))
+    assert chat["train_chats"].value == len(train) > 0
+    assert chat["val_chats"].value == len(val) > 0
+    counted = {r.record_data["source"]: r.record_data["train"] + r.record_data["val"] for r in chat["counts_by_source"].value.records}
+    assert sum(counted.values()) == len(train) + len(val)
+    assert "**Chat 1**" in chat["preview"].value
+    # The data version of chat_set is tied to the recipe's code version.
+    event = instance.get_latest_materialization_event(dg.AssetKey("chat_set"))
+    assert event.asset_materialization.tags["dagster/code_version"] == chat_recipe.RECIPE_VERSION

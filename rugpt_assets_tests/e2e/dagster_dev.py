@@ -1,0 +1,100 @@
+"""Start `dagster dev` (webserver + daemon) on a temporary DAGSTER_HOME for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DagsterDev:
+    url: str
+    home: Path
+    log_path: Path
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/graphql",
+            data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = json.loads(response.read())
+        if body.get("errors"):
+            raise AssertionError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+    def log_tail(self, n: int = 80) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def _start_new_session_with_default_signals() -> None:
+    # A test runner may ignore SIGINT; dagster dev needs it to shut its children down cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.setsid()
+
+
+@contextlib.contextmanager
+def dagster_dev(home: Path, env: dict[str, str] | None = None, timeout_s: float = 120) -> Iterator[DagsterDev]:
+    """`dagster dev` with the project's dagster.yaml in `home` (also its cwd); stopped on exit."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    port = free_port()
+    log_path = home / "dagster-dev.log"
+    full_env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "RUGPT_STORAGE_DIR": str(home / "storage" / "artifacts"),
+        **(env or {}),
+    }
+    bin_dir = Path(sys.executable).parent
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-m", "rugpt_assets.definitions"],
+            cwd=home,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_start_new_session_with_default_signals,
+        )
+    server = DagsterDev(url=f"http://127.0.0.1:{port}", home=home, log_path=log_path)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{server.url}/server_info", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"dagster dev did not come up:\n{server.log_tail()}")
+                time.sleep(1)
+        yield server
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # stragglers: code server, daemon
