@@ -13,10 +13,11 @@ quantized file, so the deltas between them are paired.
 
 from __future__ import annotations
 
+import codecs
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,50 +26,108 @@ from llm_rs import Gpt2, SessionConfig
 
 from rugpt_assets.core import ggml
 from rugpt_assets.core.chat_template import IGNORE_INDEX, render_prompt, tokenize_chat
-from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig
+from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig, GenerationConfig
 
 
 def load_llm_rs(path: Path, threads: int) -> tuple[Gpt2, float]:
-    """The file in llm-rs, with its BPE tokenizer sidecar when present; returns (model, load seconds).
+    """The file in llm-rs with its BPE tokenizer sidecar; returns (model, load seconds).
 
     Threads are always set: llm-rs's default oversubscribes small machines (DESIGN §5). The
-    context is the model's own n_ctx: llm-rs would otherwise allow 2048 positions and read past
-    a smaller position table.
+    context is the model's own n_ctx: llm-rs would otherwise allow 2048 positions and read
+    past a smaller position table.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGML file {path} does not exist")
+    tokenizer = ggml.tokenizer_sidecar(path)
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"{tokenizer} is missing; write GGML files with ggml.write_ggml_f16 / quantize_ggml")
     contents = ggml.read_ggml(path)
     if problems := ggml.llm_rs_load_problems(contents):
         raise ValueError(f"llm-rs 0.2.15 cannot load {path}: " + "; ".join(problems))
-    tokenizer = ggml.tokenizer_sidecar(path)
     session = SessionConfig(threads=threads, context_length=contents.hparams.n_ctx)
     start = time.perf_counter()
-    model = Gpt2(str(path), session, str(tokenizer) if tokenizer.is_file() else None)
+    model = Gpt2(str(path), session, str(tokenizer))
     return model, time.perf_counter() - start
+
+
+class TokenText:
+    """Text from llm-rs's generated pieces: each is one token's byte-level string (the
+    sidecar's `Fuse` decoder), turned back into bytes and decoded as UTF-8 across tokens."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, piece: str) -> str:
+        return self._utf8.decode(bytes(ggml.BYTE_OF_CHAR[ch] for ch in piece))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
 
 
 @dataclass(frozen=True)
 class Generation:
     text: str
-    new_tokens: int
+    pieces: list[str] = field(repr=False)  # one per token: byte-level string, "" for a special token
     tokens_per_s: float  # generated tokens over generation time, prompt feeding excluded
+    ended: bool  # stopped at a special token (`</s>` ends a reply) rather than at the length limit
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.pieces)
 
 
 def generate(
-    model: Gpt2, prompt: str, max_new_tokens: int, greedy: bool = True, config: LlmRsGenerationConfig | None = None
+    model: Gpt2,
+    prompt: str,
+    max_new_tokens: int,
+    sampling: GenerationConfig | None = None,
+    stop_at_special: bool = True,
+    on_text: Callable[[str], None] | None = None,
+    seed: int = 42,
 ) -> Generation:
-    """Generate with llm-rs; greedy is top_k=1 without repetition penalty (the HF-comparable mode)."""
-    if config is None:
-        if not greedy:
-            raise ValueError("pass a sampling config when greedy=False")
+    """Generate with llm-rs. `sampling=None` is greedy (top_k=1, no repetition penalty: the
+    HF-comparable mode); otherwise the seed's sampling settings (llm-rs has no
+    no_repeat_ngram_size). `on_text` receives the text as it is produced."""
+    if sampling is None:
         config = LlmRsGenerationConfig(
             top_k=1, top_p=1.0, temperature=1.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens
         )
+    else:
+        config = LlmRsGenerationConfig(
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            temperature=sampling.temperature,
+            repetition_penalty=sampling.repetition_penalty,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
     pieces: list[str] = []
-    result = model.generate(prompt, config, callback=pieces.append)  # called once per new token
-    seconds = max(result.times.generation, 1) / 1000
-    return Generation(result.text, len(pieces), len(pieces) / seconds)
+    chunks: list[str] = []
+    text = TokenText()
+    ended = False
+
+    def on_piece(piece: str) -> bool:
+        nonlocal ended
+        pieces.append(piece)
+        if piece == "" and stop_at_special:
+            ended = True
+            return True  # tells llm-rs to stop
+        chunk = text.push(piece)
+        if chunk:
+            chunks.append(chunk)
+            if on_text:
+                on_text(chunk)
+        return False
+
+    start = time.perf_counter()
+    result = model.generate(prompt, config, callback=on_piece)
+    seconds = time.perf_counter() - start - result.times.prompt_feeding / 1000
+    if tail := text.flush():
+        chunks.append(tail)
+        if on_text:
+            on_text(tail)
+    return Generation("".join(chunks), pieces, len(pieces) / max(seconds, 1e-6), ended)
 
 
 def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
@@ -82,10 +141,10 @@ def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
 def greedy_tokens(model, tokenizer, prompt: str, n: int) -> list[int]:
     """n greedy next tokens (argmax, no penalties, no stop token), with the KV cache."""
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    past, out = None, []
+    cache, out = None, []
     for _ in range(n):
-        step = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = step.past_key_values
+        step = model(input_ids=ids, cache=cache, use_cache=True)
+        cache = step.cache
         ids = step.logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(ids))
     return out
@@ -96,23 +155,59 @@ def greedy_tokens_hf(model_dir: Path, prompt: str, n: int) -> list[int]:
     return greedy_tokens(model, tokenizer, prompt, n)
 
 
+def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
+    """HF ids as llm-rs reports generated tokens: byte-level strings, "" for special tokens."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ["" if i in special else tokenizer.convert_ids_to_tokens(i) for i in ids]
+
+
+def greedy_agreement(ggml_path: Path, model_dir: Path, prompt: str, n: int, threads: int) -> dict:
+    """Greedy tokens of the GGML file in llm-rs against the HF model in `model_dir`."""
+    from transformers import AutoTokenizer
+
+    hf_ids = greedy_tokens_hf(model_dir, prompt, n)
+    expected = token_pieces(AutoTokenizer.from_pretrained(model_dir), hf_ids)
+    model, _ = load_llm_rs(ggml_path, threads)
+    got = generate(model, prompt, n, stop_at_special=False).pieces
+    matching = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    return {"tokens": n, "matching_prefix": matching, "equal": got == expected, "llm_rs": got, "hf": expected}
+
+
+Scored = list[tuple[torch.Tensor, torch.Tensor]]  # per chat: log-probs (tokens, vocab), target ids
+
+
 @torch.inference_mode()
+def score_chats(model, tokenizer, chats: Sequence[dict], max_tokens: int, system_prompt: str) -> Scored:
+    """Next-token log-probabilities at the target (bot) positions of each chat."""
+    scored = []
+    for chat in chats:
+        input_ids, labels = tokenize_chat(chat["messages"], tokenizer, max_tokens, system_prompt)
+        targets = torch.tensor(labels[1:], dtype=torch.long)
+        keep = targets != IGNORE_INDEX
+        if keep.any():
+            logits = model(input_ids=torch.tensor([input_ids])).logits[0, :-1]
+            scored.append((logits[keep].float().log_softmax(-1), targets[keep]))
+    if not scored:
+        raise ValueError(f"none of the {len(chats)} chats has a bot message within {max_tokens} tokens")
+    return scored
+
+
+def _perplexity(scored: Scored) -> float:
+    nll = sum(-lp.gather(1, t[:, None]).sum().item() for lp, t in scored)
+    return math.exp(nll / sum(len(t) for _, t in scored))
+
+
+def _kl_divergence(reference: Scored, scored: Scored) -> float:
+    """Mean KL(reference || scored) per target token, in nats."""
+    kl = sum(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item() for (p, _), (q, _) in zip(reference, scored))
+    return kl / sum(len(t) for _, t in scored)
+
+
 def perplexity(
     model, tokenizer, chats: Sequence[dict], max_tokens: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT
 ) -> float:
     """Only-target perplexity over `chats` (rows with `messages`), see the module docstring."""
-    total_nll, total_tokens = 0.0, 0
-    for chat in chats:
-        input_ids, labels = tokenize_chat(chat["messages"], tokenizer, max_tokens, system_prompt)
-        if not any(label != IGNORE_INDEX for label in labels):
-            continue
-        logits = model(input_ids=torch.tensor([input_ids])).logits[0, :-1].float()
-        targets = torch.tensor(labels[1:])
-        total_nll += torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
-        total_tokens += int((targets != IGNORE_INDEX).sum())
-    if total_tokens == 0:
-        raise ValueError(f"none of the {len(chats)} chats has a bot message within {max_tokens} tokens")
-    return math.exp(total_nll / total_tokens)
+    return _perplexity(score_chats(model, tokenizer, chats, max_tokens, system_prompt))
 
 
 def evaluate_ggml_file(
@@ -124,8 +219,12 @@ def evaluate_ggml_file(
 ) -> dict:
     """Every number an export asset reports about one GGML file.
 
-    `model_dir` (the merged model) provides the architecture config and the tokenizer;
-    `f16_path` is the reference for `ratio_to_f16` (the file itself when omitted).
+    `model_dir` (the merged model) provides the architecture config and the tokenizer. With
+    `f16_path` (a quantized file's source), also `ratio_to_f16` and `kl_to_f16`: the mean KL
+    divergence of this file's next-token distributions from the f16 file's on the same target
+    tokens. Unlike a perplexity delta, which on a small model is dominated by first-order
+    noise of either sign, KL is never negative and grows with the rounding error, so it ranks
+    the types reliably; it costs a second forward pass over the chats.
     """
     from transformers import AutoTokenizer
 
@@ -135,14 +234,22 @@ def evaluate_ggml_file(
     prompt = render_prompt([{"role": "user", "content": export.check_prompt}])
     sample = generate(model, prompt, export.check_new_tokens)
     del model
-    hf_model = ggml.ggml_to_hf_model(path, model_dir)
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     chats = list(val_chats)[: export.eval_chats]
+
+    def score(ggml_path: Path) -> Scored:
+        hf_model = ggml.ggml_to_hf_model(ggml_path, model_dir)
+        return score_chats(hf_model, tokenizer, chats, export.eval_max_tokens, DEFAULT_SYSTEM_PROMPT)
+
+    scored = score(path)
+    if f16_path is not None and Path(f16_path).resolve() != path.resolve():
+        numbers["kl_to_f16"] = _kl_divergence(score(Path(f16_path)), scored)
     return {
         **numbers,
         "load_time_s": load_time,
         "generation_tokens_per_s": sample.tokens_per_s,
-        "perplexity": perplexity(hf_model, tokenizer, chats, export.eval_max_tokens),
+        "perplexity": _perplexity(scored),
         "eval_chats": len(chats),
         "sample_prompt": export.check_prompt,
         "sample_text": sample.text,

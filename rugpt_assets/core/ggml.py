@@ -67,6 +67,9 @@ _BLOCK_NAMES = {
 _BLOCK_RE = re.compile(r"h\.(\d+)\.(.+)")
 _MASK_BUFFER_RE = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
+# GPT-2's byte-level BPE spells each byte as one printable character; this maps them back.
+BYTE_OF_CHAR = {ch: b for b, ch in bytes_to_unicode().items()}
+
 
 @dataclass(frozen=True)
 class GGMLHparams:
@@ -166,7 +169,6 @@ def tokenizer_vocab_bytes(tokenizer, n_vocab: int) -> list[bytes]:
     """Each id's raw bytes: byte-level BPE tokens mapped back through GPT-2's byte↔unicode
     table, added (special) tokens as their literal UTF-8 text. Ids the tokenizer does not use
     (the model's embedding may be padded past it) get empty entries."""
-    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
     vocab = [b""] * n_vocab
     for token, i in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).items():
@@ -174,8 +176,8 @@ def tokenizer_vocab_bytes(tokenizer, n_vocab: int) -> list[bytes]:
             raise ValueError(f"tokenizer id {i} ({token!r}) is past the model's vocab_size {n_vocab}")
         if i in added:
             vocab[i] = added[i].encode("utf-8")
-        elif all(ch in byte_of for ch in token):
-            vocab[i] = bytes(byte_of[ch] for ch in token)
+        elif all(ch in BYTE_OF_CHAR for ch in token):
+            vocab[i] = bytes(BYTE_OF_CHAR[ch] for ch in token)
         else:
             raise ValueError(
                 f"token {i} {token!r} is not byte-level BPE; only GPT-2 style byte-level "
@@ -187,21 +189,26 @@ def tokenizer_vocab_bytes(tokenizer, n_vocab: int) -> list[bytes]:
 
 
 def tokenizer_sidecar(ggml_path: Path) -> Path:
-    """The BPE tokenizer written next to a GGML file, for llm-rs (see `write_llm_rs_tokenizer`)."""
+    """The BPE tokenizer written next to a GGML file for llm-rs (see `write_llm_rs_tokenizer`)."""
     return Path(ggml_path).with_suffix(".tokenizer.json")
 
 
 def write_llm_rs_tokenizer(tokenizer, out_path: Path) -> None:
-    """The tokenizer as a `tokenizer.json` llm-rs's bundled `tokenizers` can parse.
+    """The BPE tokenizer as a `tokenizer.json` llm-rs's bundled `tokenizers` can parse.
 
     llm-rs's tokenizer for the vocabulary inside a GGML file is not BPE (it picks the
-    segmentation with the longest pieces), so text such as " —" or tabs gets other ids than in
-    training. Given a `tokenizer.json` it runs the real BPE, but it only reads merges written
-    as "a b" strings, while current `tokenizers` writes them as pairs (DESIGN §5). Byte-level
-    tokens never contain a space, so joining a pair with one is unambiguous.
+    segmentation with the longest pieces), so text such as " —" or tabs would get other ids
+    than in training; given this file it runs the real BPE. Two changes make it usable:
+    - merges as "a b" strings: llm-rs cannot read the pairs current `tokenizers` writes
+      (DESIGN §5); byte-level tokens never contain a space, so the join is unambiguous;
+    - a `Fuse` decoder instead of ByteLevel: llm-rs decodes each generated token on its own,
+      which turns a token holding part of a UTF-8 character into U+FFFD. With `Fuse` it hands
+      out the token's byte-level string, which `evaluate.TokenText` maps back to exact bytes.
+      Special tokens still come out as empty strings, which is how a reply's end is seen.
     """
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     data["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    data["decoder"] = {"type": "Fuse"}
     with atomic_file(out_path) as tmp:
         tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
@@ -384,9 +391,8 @@ def iter_hf_state_dict(ggml: GGMLFile) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in ggml.tensors.items():
         array = tensor.to_numpy()
         if name == "model/lm_head":
-            yield "lm_head.weight", torch.from_numpy(array)
-            continue
-        if name in ("model/wte", "model/wpe"):
+            hf = "lm_head.weight"
+        elif name in ("model/wte", "model/wpe"):
             hf = f"transformer.{name.split('/')[1]}.weight"
         elif name.startswith("model/ln_f/"):
             hf = "transformer.ln_f." + ("weight" if name.endswith("/g") else "bias")
@@ -395,6 +401,8 @@ def iter_hf_state_dict(ggml: GGMLFile) -> Iterator[tuple[str, torch.Tensor]]:
             hf = f"transformer.h.{layer}.{hf_block[rest]}"
         if name.endswith("/w"):
             array = array.T  # back to Conv1D's (in, out)
+        if not array.flags.writeable:  # f32 tensors are views into the read-only file map
+            array = array.copy()
         yield hf, torch.from_numpy(np.ascontiguousarray(array))
 
 

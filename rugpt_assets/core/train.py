@@ -259,9 +259,13 @@ def micro_batches(rows: Sequence[Row], rt: Runtime, batch_size: int) -> list[Seq
 
 
 def loss_sum(model: torch.nn.Module, batch: Batch, rt: Runtime) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's targets (fp32)."""
+    """Summed next-token cross-entropy over the batch's targets (fp32).
+
+    No attention_mask and no cache: that is when transformers reads the restarting position_ids
+    as packed chats and masks attention between them (see `packing`).
+    """
     with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32):
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
     return F.cross_entropy(
         logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -491,6 +495,8 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         for stale in run.glob(".checkpoint-*"):  # temporaries of a killed save
             shutil.rmtree(stale, ignore_errors=True)
         (run / "run.json").write_text(json.dumps({"run_key": key, **job.to_json()}, indent=2))
+    if rt.distributed:
+        dist.barrier()  # every rank sees the same checkpoints, so all resume from the same step
 
     model = load_lora_model(job.base_model_dir, cfg, rt)
     optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -69,7 +69,7 @@ def observe_cron() -> str:
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "retrain_on_new_data",
-    target=dg.AssetSelection.all(include_sources=True),
+    target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     use_user_code_server=True,

@@ -1,7 +1,5 @@
 """`chat_set`: the rulm recipe over the seven source snapshots."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import dagster as dg

@@ -1,7 +1,5 @@
 """The export half: `ggml_f16` and one `ggml_quantized` partition per `QuantType`."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 

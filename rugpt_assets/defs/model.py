@@ -1,7 +1,5 @@
 """The model half: `base_model` → `lora_adapter` (GPU pool, via Pipes) → `merged_model`."""
 
-from __future__ import annotations
-
 import json
 import math
 import os

@@ -3,8 +3,6 @@
 Both are built from the one spec list in `core.sources`; nothing here is written seven times.
 """
 
-from __future__ import annotations
-
 import dagster as dg
 
 from rugpt_assets.core import sources

@@ -34,8 +34,7 @@ def _save_adapter(base_dir: Path, out_dir: Path, **lora) -> Path:
 def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("merge")
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=1, eos_token_id=1)
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128))
     model.save_pretrained(root / "base")
     model.save_pretrained(root / "base_sharded", max_shard_size="200KB")
     (root / "base" / "tokenizer_config.json").write_text('{"model_max_length": 128}')
@@ -43,8 +42,8 @@ def work(tmp_path_factory) -> Path:
     # Hub GPT-2 checkpoints name weights without the "transformer." prefix.
     unprefixed = root / "base_unprefixed"
     shutil.copytree(root / "base", unprefixed)
-    weights = load_file(unprefixed / "model.safetensors")
-    save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, unprefixed / "model.safetensors", {"format": "pt"})
+    weights = {k.removeprefix("transformer."): v for k, v in load_file(unprefixed / "model.safetensors").items()}
+    save_file(weights, unprefixed / "model.safetensors", {"format": "pt"})
 
     _save_adapter(root / "base", root / "adapter", r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True)
     # rsLoRA scaling, and square Conv1D weights (attn.c_proj) where only the module kind says which way to transpose.
@@ -79,6 +78,10 @@ def test_fp32_merge_matches_peft(work, tmp_path, adapter, n_merged):
     # The LoRA really moves the logits, so a merge that dropped it would fail the bound above.
     assert _rel_err(_logits(GPT2LMHeadModel.from_pretrained(work / "base"), ids), want) > 1e-2
     assert (report.tensors_merged, report.shards, report.dtype) == (n_merged, 1, "float32")
+    # Same float32 operations in the same order as PEFT's own merge: the weights agree bit for bit.
+    peft_merged = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(work / "base"), work / adapter)
+    peft_weights = peft_merged.merge_and_unload().state_dict()
+    assert all(torch.equal(t, peft_weights[name]) for name, t in _tensors(tmp_path / "out").items())
     assert report.output_bytes == sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
 
 
@@ -129,7 +132,8 @@ def _assert_nothing_written(out: Path) -> None:
 def test_adapter_key_that_matches_nothing_fails(work, tmp_path, extra, error):
     adapter = shutil.copytree(work / "adapter", tmp_path / "adapter")
     factors = load_file(adapter / "adapter_model.safetensors")
-    factors |= {extra.format(ab): factors[f"base_model.model.transformer.h.0.attn.c_attn.lora_{ab}.weight"].clone() for ab in "AB"}
+    copy = {ab: factors[f"base_model.model.transformer.h.0.attn.c_attn.lora_{ab}.weight"].clone() for ab in "AB"}
+    factors |= {extra.format(ab): tensor for ab, tensor in copy.items()}
     save_file(factors, adapter / "adapter_model.safetensors", {"format": "pt"})
 
     with pytest.raises(ValueError, match=error):
@@ -138,7 +142,8 @@ def test_adapter_key_that_matches_nothing_fails(work, tmp_path, extra, error):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("use_dora", True), ("bias", "all"), ("modules_to_save", ["lm_head"]), ("init_lora_weights", "pissa")]
+    "field, value",
+    [("use_dora", True), ("bias", "all"), ("modules_to_save", ["lm_head"]), ("init_lora_weights", "pissa")],
 )
 def test_unsupported_adapter_config_is_rejected(work, tmp_path, field, value):
     adapter = shutil.copytree(work / "adapter", tmp_path / "adapter")
@@ -161,7 +166,7 @@ def test_failure_mid_write_leaves_the_previous_output_intact(work, tmp_path):
     weights[name] = torch.full_like(weights[name], 1e6)  # overflows float16
     save_file(weights, last_shard, {"format": "pt"})
 
-    with pytest.raises(ValueError, match=f"{name} has non-finite values"):
+    with pytest.raises(ValueError, match=f"{name} has values outside the torch.float16 range"):
         merge_lora(base, work / "adapter", out, "float16")
     assert sha256_tree(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
