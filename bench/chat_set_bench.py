@@ -24,16 +24,19 @@ import time
 from pathlib import Path
 
 SYLLABLES = "ба ва га да же за ки ли ми но по ра со ту фа хо це чи ша ще ю я ё ль ст пр кр гр мо не".split()
+# Frequent words, as in real Russian text: they are what makes LSH candidates numerous.
+COMMON = "и в не на что с как по это но к а из у за о же от для то бы мы вы все так его она он".split()
 LATIN = "data model python api server json http code test query index cache".split()
 BAD = ["как ии", "openai", " ул. ", "я ассистент"]
 
 
 class Text:
-    """Russian-like text from a fixed pseudo-word list: cheap to make, tokenizes like Russian."""
+    """Russian-like text from a fixed word list: cheap to make, tokenizes like Russian."""
 
     def __init__(self, rng: random.Random):
         self.rng = rng
-        self.words = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 4))) for _ in range(6000)] + LATIN
+        pseudo = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 4))) for _ in range(6000)]
+        self.words = pseudo + LATIN + COMMON * 100  # about one word in three is a common one
         # Long texts are built from a pool of sentences: generating every word would dominate.
         self.sentences = [self.sentence() for _ in range(20000)]
 
@@ -106,12 +109,13 @@ def generate(root: Path, scale: float, seed: int = 0) -> None:
     ))  # fmt: skip
     write("IlyaGusev__ru_turbo_alpaca_evol_instruct", "train", (
         {"instruction": i, "output": t.paragraph(t.length(300, 5000), 0.03)}
-        for i in instructions(t, n(47_000), 0.3)
+        for i in instructions(t, n(40_000), 0.4)
     ))  # fmt: skip
     write("IlyaGusev__ru_turbo_alpaca", "train", (
         {"instruction": i, "input": t.paragraph(t.length(20, 400)) if rng.random() < 0.4 else "",
-         "output": t.paragraph(t.length(50, 1500), 0.03), "alternative_output": t.paragraph(t.length(50, 1500), 0.05)}
-        for i in instructions(t, n(30_000), 0.3)
+         "output": t.paragraph(t.length(50, 1500), 0.03),
+         "alternative_output": t.paragraph(t.length(50, 1500), 0.05)}
+        for i in instructions(t, n(30_000), 0.4)
     ))  # fmt: skip
     write("IlyaGusev__ru_turbo_saiga", "train", (
         {"messages": flattened(conversation(t, (1, 6), (100, 2000), 0.02))} for _ in range(n(37_700))
@@ -167,8 +171,10 @@ def measure(sources_dir: Path, out_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, help="synthetic sources (generated when missing); default: a temp dir")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dir", type=Path, help="synthetic sources, generated when missing (default: temp)")
     parser.add_argument("--scale", type=float, default=1.0, help="rows per source relative to the hub")
     parser.add_argument("--stats", action="store_true", help="also print the recipe's per-step counts")
     parser.add_argument("--measure", type=Path, nargs=2, help=argparse.SUPPRESS)  # child: SOURCES OUT

@@ -22,12 +22,11 @@ train_and_export_job = dg.define_asset_job(
 quantize_job = dg.define_asset_job(
     "quantize",
     selection=dg.AssetSelection.assets(export.ggml_quantized),
-    partitions_def=export.quant_partitions,
     description="One GGML quantization type per run (pick the partition).",
 )
 observe_sources_job = dg.define_asset_job(
     "observe_sources",
-    selection=dg.AssetSelection.assets(*observed_sources),
+    selection=dg.AssetSelection.keys(*(s.key for s in observed_sources)),
     description="Record each source dataset's current revision (hub) or content hash (local).",
 )
 observe_sources_schedule = dg.ScheduleDefinition(
@@ -40,7 +39,7 @@ observe_sources_schedule = dg.ScheduleDefinition(
 
 def resources_for(profile: settings.Profile) -> dict:
     return {
-        "storage": StorageResource(root=str(settings.storage_root())),
+        "storage": StorageResource(),
         "sources_resource": SourcesResource(mode=profile.source_mode, local_dir=str(profile.sources_dir)),
         "trainer": TrainerResource(),
     }

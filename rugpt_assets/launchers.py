@@ -16,7 +16,6 @@ dagster.yaml:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ LAUNCHER_TAG = "rugpt/launcher"
 
 # What a GPU pod is, in the `run_k8s_config` shape of dagster-k8s (snake_case V1PodSpec and
 # V1Container fields). The GPU K8sRunLauncher in deploy/k8s carries exactly this block (a test
-# keeps the two equal), and `pipes_gpu_pod_spec` turns it into a PipesK8sClient pod spec.
+# keeps the two equal).
 GPU_POD: Mapping[str, Any] = {
     "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
     "pod_spec_config": {
@@ -40,27 +39,27 @@ GPU_POD: Mapping[str, Any] = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
 }
-
-
-def pipes_gpu_pod_spec() -> dict[str, Any]:
-    """`base_pod_spec` for `PipesK8sClient.run(image=..., command=...)`: one container on a GPU node."""
-    pod = copy.deepcopy(GPU_POD)
-    return {**pod["pod_spec_config"], "containers": [pod["container_config"]]}
+# The same pod as `base_pod_spec` for `PipesK8sClient.run(image=..., command=...)`, which copies
+# it rather than changing it. Add the artifact volume: the run pods get theirs from the code
+# location, this pod does not. A run pod that starts it should not hold a GPU itself.
+GPU_POD_SPEC: Mapping[str, Any] = {
+    **GPU_POD["pod_spec_config"],
+    "containers": [GPU_POD["container_config"]],
+}
 
 
 def _load_launcher(side: str, spec: Mapping[str, Any]) -> RunLauncher:
-    config = spec.get("config") or {}
-    data = ConfigurableClassData(spec["module"], spec["class"], yaml.dump(dict(config)))
+    # Dagster's own errors here do not say which of the two blocks is wrong.
+    where = f"run_launcher.config.{side} ({spec['module']}.{spec['class']})"
+    fix = f"Fix the `{side}:` block under run_launcher in dagster.yaml."
+    config = dict(spec.get("config") or {})
+    data = ConfigurableClassData(spec["module"], spec["class"], yaml.dump(config))
     try:
         return data.rehydrate(as_type=RunLauncher)
+    except DagsterInvalidConfigError as e:
+        raise DagsterInvalidConfigError(f"{where} has invalid config. {fix}", e.errors, config) from e
     except Exception as e:
-        # Name the block to fix: the bare rehydrate error does not say which side failed.
-        raise DagsterInvalidConfigError(
-            f"run_launcher.config.{side} ({spec['module']}.{spec['class']}) could not be loaded:"
-            f" {e}\nFix the `{side}:` block under run_launcher in dagster.yaml.",
-            e.errors if isinstance(e, DagsterInvalidConfigError) else [],
-            dict(config),
-        ) from e
+        raise DagsterInvalidConfigError(f"{where} could not be loaded: {e}\n{fix}", [], config) from e
 
 
 class RoutingRunLauncher(RunLauncher, ConfigurableClass):
@@ -103,8 +102,9 @@ class RoutingRunLauncher(RunLauncher, ConfigurableClass):
             launcher.register_instance(instance)
 
     def side_for(self, run: DagsterRun) -> str:
-        """"gpu" or "cpu". `run_op_concurrency.all_pools` is what `create_run` read from the
-        execution plan snapshot: the pools of the steps this run executes, nothing else."""
+        """The side a run goes to, "gpu" or "cpu". `run_op_concurrency.all_pools` is what
+        `create_run` read from the execution plan snapshot: the pools of the steps this run
+        executes, nothing else."""
         pools = (run.run_op_concurrency.all_pools if run.run_op_concurrency else None) or ()
         return "gpu" if self.gpu_pools.intersection(pools) else "cpu"
 
@@ -122,6 +122,7 @@ class RoutingRunLauncher(RunLauncher, ConfigurableClass):
         run = self._instance.get_run_by_id(run_id)
         return run is not None and self._started(run).terminate(run_id)
 
+    # Run monitoring asks these once for every run, so both sides must support them.
     @property
     def supports_check_run_worker_health(self) -> bool:
         return all(x.supports_check_run_worker_health for x in self.launchers.values())

@@ -15,8 +15,13 @@ from rugpt_assets.core.quantize import QuantType
 from rugpt_assets.definitions import defs
 
 
+CPU_POOL_SLOTS = 2  # quantizations side by side; the gpu pool keeps dagster.yaml's default of 1
+
+
 def main() -> int:
     instance = dg.DagsterInstance.get()
+    if "cpu" not in instance.event_log_storage.get_concurrency_keys():
+        instance.event_log_storage.set_concurrency_slots("cpu", CPU_POOL_SLOTS)
     plan = [("observe_sources", None), ("train_and_export", None)] + [("quantize", q.name) for q in QuantType]
     for job_name, partition in plan:
         label = job_name + (f"[{partition}]" if partition else "")

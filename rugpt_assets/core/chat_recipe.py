@@ -57,9 +57,14 @@ def record(messages: list[dict[str, str]], source: str) -> dict[str, Any]:
     return {"messages": messages, "source": source}
 
 
+def content_length(messages: Sequence[Mapping[str, str]]) -> int:
+    return sum(len(m["content"]) for m in messages)
+
+
 def chat_length(record: Mapping[str, Any]) -> int:
-    """Total content length in characters (code points), summed over the messages."""
-    return sum(len(m["content"]) for m in record["messages"])
+    """The length steps 6-8 compare with their limits: characters (code points) of the contents,
+    summed over the messages; roles and separators do not count."""
+    return content_length(record["messages"])
 
 
 def instruction_message(instruction: str, input: str) -> str:
@@ -97,34 +102,46 @@ def load_bad_substrings(path: Path | str | None = None) -> list[str]:
     return phrases
 
 
-def bad_substring_pattern(phrases: Sequence[str]) -> re.Pattern:
-    """One regex that finds any of the phrases: ``pattern.search(text)`` is true exactly when
-    ``any(phrase in text for phrase in phrases)``. The phrases are folded into a character trie
-    (common prefixes shared), so one pass tests them all: over ten times faster than a scan per
-    phrase on Russian text. A node where a phrase ends matches at once: longer phrases through
-    it cannot change whether there is a match."""
-    trie: dict = {}
-    for phrase in phrases:
-        node = trie
-        for char in phrase:
-            node = node.setdefault(char, {})
-        node[""] = {}
+class BadSubstrings:
+    """The bad-substring test: ``bad(text)`` is true when the lower-cased text contains a phrase.
 
-    def alternatives(node: dict) -> str:
+    Same answer as ``any(phrase in text.lower() for phrase in phrases)``, faster: the phrases are
+    folded into one regex over a character trie (common prefixes shared), so one pass tests them
+    all, and answers are remembered per text, since step 10 tests again the messages that steps
+    1-5 tested. A trie node where a phrase ends matches at once: longer phrases through it cannot
+    change whether there is a match.
+    """
+
+    def __init__(self, phrases: Sequence[str]):
+        trie: dict = {}
+        for phrase in phrases:
+            node = trie
+            for char in phrase:
+                node = node.setdefault(char, {})
+            node[""] = {}
+        self.pattern = re.compile(self._alternatives(trie) if trie else r"(?!)")  # (?!) never matches
+        self.answers: dict[str, bool] = {}
+
+    @classmethod
+    def _alternatives(cls, node: dict) -> str:
+        prefix = ""
+        while len(node) == 1 and "" not in node:  # a run of single children: plain characters
+            [(char, node)] = node.items()
+            prefix += re.escape(char)
         if "" in node:
-            return ""
-        branches = [re.escape(char) + alternatives(child) for char, child in sorted(node.items())]
-        return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+            return prefix
+        branches = [re.escape(char) + cls._alternatives(child) for char, child in sorted(node.items())]
+        return prefix + "(?:" + "|".join(branches) + ")"
 
-    return re.compile(alternatives(trie)) if phrases else re.compile(r"(?!)")  # (?!) never matches
+    def __call__(self, text: str) -> bool:
+        found = self.answers.get(text)
+        if found is None:
+            found = self.answers[text] = self.pattern.search(text.lower()) is not None
+        return found
 
 
-def has_bad_substring(text: str, bad: re.Pattern) -> bool:
-    return bad.search(text.lower()) is not None
-
-
-def has_bad_message(messages: Sequence[Mapping[str, str]], bad: re.Pattern) -> bool:
-    return any(has_bad_substring(m["content"], bad) for m in messages)
+def has_bad_message(messages: Sequence[Mapping[str, str]], bad: BadSubstrings) -> bool:
+    return any(bad(m["content"]) for m in messages)
 
 
 # --- steps 1-3: instructions -----------------------------------------------------------------
@@ -132,12 +149,12 @@ def has_bad_message(messages: Sequence[Mapping[str, str]], bad: re.Pattern) -> b
 
 def gpt4_records(rows, bad, stats) -> list[dict]:
     """Step 1: instruction (+ input) -> full_output; empty or bad answers are skipped."""
-    records, counts = [], Counter(rows=len(rows))
+    records, counts = [], Counter(rows=len(rows), dropped_empty_answer=0, dropped_bad_answer=0)
     for row in rows:
         answer = row["full_output"]
         if not answer:
             counts["dropped_empty_answer"] += 1
-        elif has_bad_substring(answer, bad):
+        elif bad(answer):
             counts["dropped_bad_answer"] += 1
         else:
             user = instruction_message(row["instruction"], row["input"])
@@ -148,9 +165,9 @@ def gpt4_records(rows, bad, stats) -> list[dict]:
 
 def evol_instruct_records(rows, bad, stats) -> list[dict]:
     """Step 2: instruction -> output; bad answers are skipped (empty ones are not)."""
-    records, counts = [], Counter(rows=len(rows))
+    records, counts = [], Counter(rows=len(rows), dropped_bad_answer=0)
     for row in rows:
-        if has_bad_substring(row["output"], bad):
+        if bad(row["output"]):
             counts["dropped_bad_answer"] += 1
         else:
             messages = [message("user", row["instruction"]), message("bot", row["output"])]
@@ -161,13 +178,13 @@ def evol_instruct_records(rows, bad, stats) -> list[dict]:
 
 def alpaca_records(rows, bad, stats) -> list[dict]:
     """Step 3: the alternative output, or the output when the alternative is bad; else skipped."""
-    records, counts = [], Counter(rows=len(rows))
+    records, counts = [], Counter(rows=len(rows), bad_alternative=0, dropped_bad_answer=0)
     for row in rows:
         answer = row["alternative_output"]
-        if has_bad_substring(answer, bad):
+        if bad(answer):
             answer = row["output"]
             counts["bad_alternative"] += 1
-            if has_bad_substring(answer, bad):
+            if bad(answer):
                 counts["dropped_bad_answer"] += 1
                 continue
         user = instruction_message(row["instruction"], row["input"])
@@ -194,12 +211,13 @@ def minhashes(texts, num_perm: int):
 
 def remove_near_duplicates(records, config: RecipeConfig, stats) -> list[dict]:
     """Step 4: drop a record whose first message is estimated > threshold similar (Jaccard) to
-    that of an earlier kept record among the LSH candidates; dropped records are not indexed."""
+    that of an earlier kept record among its LSH candidates; dropped records are not indexed."""
     threshold, num_perm = config.dedup_threshold, config.dedup_num_perm
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    # Hash values of the kept records, row = LSH key. At threshold 0.3 a query returns hundreds
-    # of candidates; comparing them all at once is `MinHash.jaccard` (the share of equal hash
-    # values) vectorized, and what made this step fast enough.
+    # Row i holds the hash values of kept record i (its LSH key). At threshold 0.3 a query returns
+    # hundreds of candidates (~350 on average at full size): their Jaccard estimates, the share of
+    # equal hash values as `MinHash.jaccard` computes it, are taken in one numpy step; ~18 million
+    # `jaccard` calls took over a minute.
     kept_hashvalues = np.empty((len(records), num_perm), dtype=np.uint64)
     kept = []
     texts = (r["messages"][0]["content"] for r in records)
@@ -212,7 +230,8 @@ def remove_near_duplicates(records, config: RecipeConfig, stats) -> list[dict]:
         lsh.insert(len(kept), minhash)
         kept_hashvalues[len(kept)] = minhash.hashvalues
         kept.append(r)
-    stats["near_duplicates"] = {"records": len(records), "dropped": len(records) - len(kept), "kept": len(kept)}
+    dropped = len(records) - len(kept)
+    stats["near_duplicates"] = {"records": len(records), "dropped": dropped, "kept": len(kept)}
     return kept
 
 
@@ -234,11 +253,11 @@ def saiga_records(rows, bad, stats) -> list[dict]:
 
 
 def merge_short_instructs(records, config: RecipeConfig, stats) -> list[dict]:
-    """Step 6: a record longer than the limit is emitted alone when reached (even while a short
-    one waits); two short ones are emitted as one record when the second is reached; an unpaired
-    short record at the end is dropped. Length is `chat_length`: characters over all messages."""
+    """Step 6: a record longer than the limit (`chat_length` > 1000) is emitted alone when reached,
+    even while a short one waits; two short ones are emitted as one record when the second is
+    reached; an unpaired short record at the end is dropped."""
     merged, waiting = [], None
-    counts = Counter(records=len(records))
+    counts = Counter(records=len(records), long_alone=0, merged_pairs=0)
     for r in records:
         if chat_length(r) > config.merge_short_below_chars:
             merged.append(r)
@@ -258,12 +277,15 @@ def merge_short_instructs(records, config: RecipeConfig, stats) -> list[dict]:
 
 
 def mix_into_saiga(saiga, instructs, rng: random.Random, config: RecipeConfig, stats) -> list[dict]:
-    """Step 7: long instructs are appended without a draw; a short one is appended when
-    ``random() < p``, else its messages go to the end of a random record (``randrange`` over the
-    records so far, appended instructs included, redrawn until an index not used before)."""
+    """Step 7: a long instruct (`chat_length` > 2000) is appended without a draw. A short one
+    draws ``random()``: below p it is appended; else its messages go to the end of the record at
+    ``randrange(len(records))``, redrawn until the index was not used before. ``records`` is the
+    saiga list with the instructs appended so far, so the range grows and an appended instruct
+    can itself be mixed into (its source becomes "mixed")."""
     records = list(saiga)
     used: set[int] = set()
-    counts = Counter(instructs=len(instructs))
+    counts = Counter(instructs=len(instructs), appended_long=0, appended_by_draw=0, mixed=0)
+    counts["appended_no_free_record"] = 0
     for r in instructs:
         if chat_length(r) > config.mix_long_above_chars:
             records.append(r)
@@ -293,13 +315,13 @@ def mix_into_saiga(saiga, instructs, rng: random.Random, config: RecipeConfig, s
 
 
 def truncated_conversations(rows, source: str, config: RecipeConfig, stats) -> list[dict]:
-    """Step 8: while a conversation is longer than the limit, drop its last two messages; skip
-    it when nothing is left (one message over the limit empties it)."""
-    records, counts = [], Counter(rows=len(rows))
+    """Step 8: while a conversation is longer than the limit (the `chat_length` of what is left
+    > 10000), drop its last two messages; skip it when nothing is left."""
+    records, counts = [], Counter(rows=len(rows), truncated=0, dropped_too_long=0)
     for row in rows:
         messages = [message(m["role"], m["content"]) for m in row["messages"]]
         truncated = False
-        while chat_length({"messages": messages}) > config.conversation_max_chars:
+        while content_length(messages) > config.conversation_max_chars:
             messages = messages[:-2]
             truncated = True
         if not messages:
@@ -314,7 +336,7 @@ def truncated_conversations(rows, source: str, config: RecipeConfig, stats) -> l
 
 # --- step 9: roleplay --------------------------------------------------------------------------
 
-ROLEPLAY_ROLE_MAP = {"char": "bot", "operator": "user"}
+CHAT_ROLE = {"char": "bot", "operator": "user"}  # roleplay role -> chat role; "user" stays
 
 
 def example_dialogue_text(example_dialogue) -> str:
@@ -329,10 +351,10 @@ def roleplay_records(rows, rng: random.Random, config: RecipeConfig, stats) -> l
     the greeting joins the context and opens the chat as a bot message; the example dialogue joins
     the context. The system message (context) comes first."""
     records = []
-    counts = Counter(characters=len(rows))
+    counts = Counter(characters=len(rows), with_greeting=0, with_example_dialogue=0)
     for row in rows:
         for dialogue in row["dialogues"]:
-            chat = [message(ROLEPLAY_ROLE_MAP.get(m["role"], m["role"]), m["content"]) for m in dialogue["chat"]]
+            chat = [message(CHAT_ROLE.get(m["role"], m["role"]), m["content"]) for m in dialogue["chat"]]
             context = f"Ты {row['name']}. {row['context']}"
             if rng.random() < config.roleplay_greeting_probability:
                 context += f"\nПриветствие: {row['greeting']}"
@@ -356,10 +378,10 @@ def clean(records, bad, stats) -> list[dict]:
         for m in r["messages"]:
             if m["role"] not in CHAT_ROLES:
                 raise ValueError(
-                    f"a {r['source']!r} record has role {m['role']!r}; chat roles are system, user, bot. "
-                    f"Fix: the source rows must be normalized (sources.normalize_rows) before the recipe."
+                    f"a {r['source']!r} record has role {m['role']!r}; chat roles are system, user, "
+                    f"bot. Fix: normalize the source rows (sources.normalize_rows) before the recipe."
                 )
-    kept, counts = [], Counter(records=len(records))
+    kept, counts = [], Counter(records=len(records), dropped_empty=0, dropped_bad=0)
     for r in records:
         if not r["messages"]:
             counts["dropped_empty"] += 1
@@ -393,7 +415,7 @@ def build_chat_set(
             f"{', '.join(spec.name for spec in SOURCES)} (an empty list is fine)."
         )
     rng = random.Random(config.seed)
-    bad = bad_substring_pattern(bad_substrings)
+    bad = BadSubstrings(bad_substrings)
     stats: dict[str, dict[str, int]] = {}
     gpt4 = gpt4_records(rows["ru_instruct_gpt4"], bad, stats)  # 1
     evol = evol_instruct_records(rows["ru_turbo_alpaca_evol_instruct"], bad, stats)  # 2
@@ -439,12 +461,11 @@ def distribution(values: Sequence[int]) -> dict[str, float]:
 def summarize(chat_set: ChatSet) -> dict[str, Any]:
     """Counts by split and source, and length statistics over all records, for metadata."""
     records = chat_set.train + chat_set.val
-    sources = sorted({r["source"] for r in records})
-    by_split = {"train": Counter(r["source"] for r in chat_set.train), "val": Counter(r["source"] for r in chat_set.val)}
+    train, val = Counter(r["source"] for r in chat_set.train), Counter(r["source"] for r in chat_set.val)
     return {
         "train": len(chat_set.train),
         "val": len(chat_set.val),
-        "by_source": {s: {"train": by_split["train"][s], "val": by_split["val"][s]} for s in sources},
+        "by_source": {s: {"train": train[s], "val": val[s]} for s in sorted(train | val)},
         "chars": distribution([chat_length(r) for r in records]),
         "messages": distribution([len(r["messages"]) for r in records]),
     }

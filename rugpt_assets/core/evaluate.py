@@ -199,7 +199,8 @@ def _perplexity(scored: Scored) -> float:
 
 def _kl_divergence(reference: Scored, scored: Scored) -> float:
     """Mean KL(reference || scored) per target token, in nats."""
-    kl = sum(torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item() for (p, _), (q, _) in zip(reference, scored))
+    kl_div = torch.nn.functional.kl_div
+    kl = sum(kl_div(q, p, log_target=True, reduction="sum").item() for (p, _), (q, _) in zip(reference, scored))
     return kl / sum(len(t) for _, t in scored)
 
 

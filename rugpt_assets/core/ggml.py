@@ -13,7 +13,9 @@ f16; `model/wpe`, biases and layer norms in f32; Conv1D weights transposed to (o
 
 Unlike llm-rs's converter, which loads the whole model and writes the vocabulary as decoded
 text (single-byte tokens become U+FFFD, DESIGN §5), `write_ggml_f16` streams one tensor at a
-time from the safetensors files and writes each token's raw bytes.
+time from the safetensors files and writes each token's raw bytes. Next to each file go two
+sidecars: `.meta` (how llm-rs's `AutoModel` recognizes the model) and `.tokenizer.json` (the
+real BPE for llm-rs, see `write_llm_rs_tokenizer`).
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ GGML_WRITER_VERSION = "1"
 
 GGML_MAGIC = 0x67676D6C
 FTYPE_F16 = 1
+_HEADER = struct.Struct("<7i")  # magic, n_vocab, n_ctx, n_embd, n_head, n_layer, ftype
 # llm-rs 0.2.15 sizes its ggml memory pool without the 16-byte alignment ggml pads each tensor
 # to: a file with any tensor whose byte size is not a multiple of 16 aborts the whole process
 # on load ("not enough space in the context's memory pool").
 LLM_RS_TENSOR_ALIGN = 16
 QUANT_BLOCK = 32  # elements per block of every quantized type written here
-QUANT_VERSION_FACTOR = 1000  # a quantized file's ftype is 1000 * quantization version + type
 
 # HF GPT-2 parameter name (without the `transformer.` prefix) → GGML name.
 _BLOCK_NAMES = {
@@ -269,7 +271,7 @@ def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
     parameters = 0
     with atomic_file(out_path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<7i", GGML_MAGIC, *hparams, FTYPE_F16))
+            f.write(_HEADER.pack(GGML_MAGIC, *hparams, FTYPE_F16))
             f.write(struct.pack("<i", len(vocab)))
             for token in vocab:
                 f.write(struct.pack("<I", len(token)))
@@ -298,8 +300,8 @@ def meta_path(ggml_path: Path) -> Path:
 
 
 def write_llm_rs_meta(ggml_path: Path, quantization: QuantizationType) -> Path:
-    """The `.meta` JSON llm-rs writes next to its files. No `base_model`: llm-rs would then try
-    to load a hub tokenizer, and the vocabulary inside the file is the one to use (DESIGN §5)."""
+    """The `.meta` JSON llm-rs writes next to its files. No `base_model` (a hub id to fetch a
+    tokenizer from): `evaluate.load_llm_rs` passes the tokenizer sidecar instead."""
     metadata = ModelMetadata(
         model=KnownModels.Gpt2,
         quantization=quantization,
@@ -318,7 +320,8 @@ def write_llm_rs_meta(ggml_path: Path, quantization: QuantizationType) -> Path:
 
 def read_hparams(path: Path) -> GGMLHparams:
     with open(path, "rb") as f:
-        magic, *hp = struct.unpack("<7i", f.read(28))
+        header = f.read(_HEADER.size)
+    magic, *hp = _HEADER.unpack(header) if len(header) == _HEADER.size else (0,)
     if magic != GGML_MAGIC:
         raise ValueError(f"{path}: not an unversioned GGML file (magic {magic:#x}, expected {GGML_MAGIC:#x})")
     return GGMLHparams(*hp)
@@ -327,8 +330,9 @@ def read_hparams(path: Path) -> GGMLHparams:
 def read_ggml(path: Path) -> GGMLFile:
     """Parse a GPT-2 GGML file; tensor data are memory-mapped views, read only when used."""
     path = Path(path)
+    hparams = read_hparams(path)
     buf = np.memmap(path, dtype=np.uint8, mode="r")
-    pos = 0
+    pos = _HEADER.size
 
     def ints(n: int) -> tuple[int, ...]:
         nonlocal pos
@@ -336,8 +340,6 @@ def read_ggml(path: Path) -> GGMLFile:
         pos += 4 * n
         return values
 
-    hparams = read_hparams(path)
-    pos = 28
     (n_vocab,) = ints(1)
     if n_vocab != hparams.n_vocab:
         raise ValueError(f"{path}: vocabulary has {n_vocab} entries, hyperparameters say {hparams.n_vocab}")

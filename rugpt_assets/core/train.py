@@ -4,9 +4,9 @@ Run ``python -m rugpt_assets.core.train --config job.json`` (under ``torchrun --
 for DDP), or call `train_lora` in-process. ``job.json`` holds the `TrainJob` paths and a
 ``"train"`` object of `TrainConfig` values. Launched by Dagster Pipes (``DAGSTER_PIPES_CONTEXT``
 set), rank 0 streams progress lines and the final materialization metadata back; otherwise
-progress goes to stdout. ``adapter_dir/metrics.json`` holds the same numbers either way.
+progress goes to stdout. ``output_dir/metrics.json`` holds the same numbers either way.
 
-Resume. Checkpoints live in ``run_dir/<run key>/checkpoint-<step>/`` (LoRA weights, optimizer,
+Resume. Checkpoints live in ``runs_dir/<run key>/checkpoint-<step>/`` (LoRA weights, optimizer,
 scheduler, grad scaler, step, history). The run key hashes the TrainConfig, the world size, the
 bytes of the train/val files and the base model directory's file names, sizes and modification
 times (an identity, not a content hash: rewriting the base model starts afresh rather than
@@ -42,12 +42,13 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from matplotlib.figure import Figure  # renders with Agg; no pyplot, no display
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_scheduler
 
-from rugpt_assets.core.artifacts import atomic_dir, read_jsonl, sha256_file
+from rugpt_assets.core.artifacts import atomic_dir, atomic_file, read_jsonl, sha256_file
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
 from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
 from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
@@ -55,7 +56,9 @@ from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-JOB_PATHS = ("base_model_dir", "train_path", "val_path", "adapter_dir", "run_dir")
+JOB_PATHS = ("base_model_dir", "train_path", "val_path", "output_dir", "runs_dir")
+# Bump by hand whenever the adapter this module produces changes (Dagster code_version).
+TRAINER_VERSION = "1"
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -66,9 +69,13 @@ class TrainJob:
     base_model_dir: Path
     train_path: Path  # jsonl rows {"messages": [{"role", "content"}, ...], "source": ...}
     val_path: Path
-    adapter_dir: Path  # output, written atomically
-    run_dir: Path  # checkpoints, one subdirectory per run key
+    output_dir: Path  # the adapter, written atomically
+    runs_dir: Path  # checkpoints, one subdirectory per run key
     config: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for name in JOB_PATHS:
+            object.__setattr__(self, name, Path(getattr(self, name)))
 
     @classmethod
     def from_json(cls, path: Path) -> TrainJob:
@@ -76,11 +83,17 @@ class TrainJob:
         unknown = sorted(set(values) - {*JOB_PATHS, "train"})
         missing = [k for k in JOB_PATHS if k not in values]
         if unknown or missing:
-            raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing}; expected {JOB_PATHS} and 'train'")
-        return cls(**{k: Path(values[k]) for k in JOB_PATHS}, config=from_dict(TrainConfig, values.get("train", {})))
+            raise ValueError(
+                f"{path}: unknown keys {unknown}, missing keys {missing}; expected {JOB_PATHS} and 'train'"
+            )
+        return cls(**{k: values[k] for k in JOB_PATHS}, config=from_dict(TrainConfig, values.get("train", {})))
 
     def to_json(self) -> dict[str, Any]:
         return {**{k: str(getattr(self, k)) for k in JOB_PATHS}, "train": to_dict(self.config)}
+
+    def write(self, path: Path) -> None:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -164,8 +177,6 @@ def load_lora_model(base_model_dir: Path, cfg: TrainConfig, rt: Runtime) -> Peft
     """The base model (safetensors only, no remote code) on ``rt.device`` with a fresh LoRA adapter."""
     quantization = None
     if cfg.load_in_8bit or cfg.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
         quantization = BitsAndBytesConfig(
             load_in_8bit=cfg.load_in_8bit,
             load_in_4bit=cfg.load_in_4bit,
@@ -207,9 +218,9 @@ def load_chats(path: Path, tokenizer: Any, cfg: TrainConfig) -> tuple[list[Token
     chats, skipped = [], 0
     for n, row in enumerate(read_jsonl(path), 1):
         messages = row.get("messages") if isinstance(row, dict) else None
-        if not (
-            isinstance(messages, list)
-            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
         ):
             raise ValueError(f'{path}, row {n}: expected {{"messages": [{{"role": str, "content": str}}, ...]}}')
         chat = TokenizedChat(*tokenize_chat(messages, tokenizer, cfg.max_tokens_count, cfg.system_prompt))
@@ -229,30 +240,35 @@ def make_rows(chats: Sequence[TokenizedChat], cfg: TrainConfig) -> list[Row]:
     return [[chats[i] for i in row] for row in pack([len(c) for c in chats], cfg.pack_tokens)]
 
 
+def rank_batches(chats: Sequence[TokenizedChat], cfg: TrainConfig, rt: Runtime) -> list[list[Row]]:
+    """This rank's share of ``chats`` as micro-batches of ``per_device_batch_size`` rows."""
+    rows = make_rows(chats[rt.rank :: rt.world_size], cfg)
+    return [rows[i : i + cfg.per_device_batch_size] for i in range(0, len(rows), cfg.per_device_batch_size)]
+
+
 @dataclass(frozen=True)
 class DataPlan:
-    """The rows of each optimizer step: a function of (seed, step) only, so a resumed run reads
-    exactly what the uninterrupted one would have. Each epoch reshuffles the rows; a last partial
-    step's worth of rows is left out of that epoch."""
+    """The chats of each optimizer step: a function of (seed, step) only, so a resumed run reads
+    exactly what the uninterrupted one would have. Each epoch reshuffles; the last partial step's
+    worth of chats sits that epoch out.
 
-    rows: list[Row]
-    rows_per_step: int  # per_device_batch_size × gradient_accumulation_steps × world size
+    A step always takes the seed's global batch of chats (per_device_batch_size ×
+    gradient_accumulation_steps × world size), packed or not: packing changes how many forward
+    passes a step needs, not what it learns from.
+    """
+
+    chats: Sequence[TokenizedChat]
+    chats_per_step: int
     seed: int
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.rows) // self.rows_per_step
+        return len(self.chats) // self.chats_per_step
 
-    def step_rows(self, step: int) -> list[Row]:
+    def step_chats(self, step: int) -> list[TokenizedChat]:
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return [self.rows[i] for i in order[k * self.rows_per_step : (k + 1) * self.rows_per_step].tolist()]
-
-
-def micro_batches(rows: Sequence[Row], rt: Runtime, batch_size: int) -> list[Sequence[Row]]:
-    """This rank's share of ``rows``, in micro-batches of ``batch_size`` rows."""
-    mine = rows[rt.rank :: rt.world_size]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+        order = torch.randperm(len(self.chats), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return [self.chats[i] for i in order[k * self.chats_per_step : (k + 1) * self.chats_per_step].tolist()]
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -271,7 +287,9 @@ def loss_sum(model: torch.nn.Module, batch: Batch, rt: Runtime) -> torch.Tensor:
     )
 
 
-def train_step(model, optimizer, scheduler, scaler, batches: Sequence[Batch], n_targets: int, cfg: TrainConfig, rt: Runtime) -> tuple[float, float]:
+def train_step(
+    model, optimizer, scheduler, scaler, batches: Sequence[Batch], n_targets: int, cfg: TrainConfig, rt: Runtime
+) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches; ``n_targets`` counts the targets of the
     whole step (all ranks). Returns the step's mean loss and the gradient norm before clipping."""
     total = torch.zeros((), device=rt.device)
@@ -294,13 +312,13 @@ def train_step(model, optimizer, scheduler, scaler, batches: Sequence[Batch], n_
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, rows: Sequence[Row], filler_id: int, cfg: TrainConfig, rt: Runtime) -> float:
-    """Mean next-token loss over all target tokens of ``rows`` (split over ranks)."""
+def evaluate(model: torch.nn.Module, batches: Sequence[Sequence[Row]], filler_id: int, rt: Runtime) -> float:
+    """Mean next-token loss over all target tokens of every rank's ``batches``."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
-    for batch_rows in micro_batches(rows, rt, cfg.per_device_batch_size):
-        batch = collate(batch_rows, filler_id).to(rt.device)
+    for rows in batches:
+        batch = collate(rows, filler_id).to(rt.device)
         sums[0] += loss_sum(model, batch, rt)
         sums[1] += batch.n_targets
     if rt.distributed:
@@ -315,7 +333,7 @@ def evaluate(model: torch.nn.Module, rows: Sequence[Row], filler_id: int, cfg: T
 def run_key(job: TrainJob, world_size: int) -> str:
     base = sorted(
         (p.relative_to(job.base_model_dir).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in Path(job.base_model_dir).rglob("*")
+        for p in job.base_model_dir.rglob("*")
         if p.is_file()
     )
     identity = {
@@ -326,6 +344,20 @@ def run_key(job: TrainJob, world_size: int) -> str:
         "base_model": base,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def open_run(job: TrainJob, rt: Runtime) -> tuple[Path, str]:
+    """This job's checkpoint directory (``runs_dir/<key prefix>``) and its full run key."""
+    key = run_key(job, rt.world_size)
+    run = job.runs_dir / key[:16]
+    if rt.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        for stale in run.glob(".checkpoint-*"):  # temporaries of a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        (run / "run.json").write_text(json.dumps({"run_key": key, **job.to_json()}, indent=2))
+    if rt.distributed:
+        dist.barrier()  # every rank sees the same checkpoints, so all resume from the same step
+    return run, key
 
 
 def checkpoints(run: Path) -> list[Path]:
@@ -344,7 +376,10 @@ def save_checkpoint(run: Path, model, optimizer, scheduler, scaler, state: dict[
         shutil.rmtree(old)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rt: Runtime) -> dict[str, Any]:
+def load_checkpoint(path: Path, key: str, model, optimizer, scheduler, scaler, rt: Runtime) -> dict[str, Any]:
+    state = json.loads((path / "state.json").read_text())
+    if state["run_key"] != key:
+        raise RuntimeError(f"{path} belongs to another run; delete it to start fresh")
     weights, params = load_file(path / "lora.safetensors"), trainable(model)
     if weights.keys() != params.keys():
         raise RuntimeError(f"{path}: its LoRA tensors do not match this model's; delete the checkpoint to start fresh")
@@ -355,7 +390,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rt: Runtime
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     scaler.load_state_dict(states["scaler"])
-    return json.loads((path / "state.json").read_text())
+    return state
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -388,6 +423,10 @@ class NullReporter:
         pass
 
 
+FLOAT_METRICS = ("eval_loss", "base_eval_loss", "train_loss", "tokens_per_second", "wall_time_s", "peak_memory_gb")
+INT_METRICS = ("steps", "tokens_seen", "resumed_from_step")
+
+
 class PipesReporter:
     """Progress as Dagster log lines, the result as the asset's materialization metadata."""
 
@@ -409,13 +448,7 @@ class PipesReporter:
         self.context.report_asset_materialization(metadata=metadata)
 
 
-FLOAT_METRICS = ("eval_loss", "base_eval_loss", "train_loss", "tokens_per_second", "wall_time_s", "peak_memory_gb")
-INT_METRICS = ("steps", "tokens_seen", "resumed_from_step")
-
-
 def loss_curve_png(losses: Sequence[float], evals: Sequence[Sequence[float]], base_eval_loss: float) -> bytes:
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
-
     fig = Figure(figsize=(6, 3.5), dpi=100)
     ax = fig.subplots()
     ax.plot(range(1, len(losses) + 1), losses, label="train")
@@ -433,7 +466,7 @@ def loss_curve_png(losses: Sequence[float], evals: Sequence[Sequence[float]], ba
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
+    import resource  # Unix only
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
@@ -441,10 +474,10 @@ def peak_memory_gb(device: torch.device) -> float:
 def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict[str, Any], png: bytes) -> None:
     """adapter_config.json, adapter_model.safetensors, tokenizer, generation_config.json (from the
     base), metrics.json and loss_curve.png; checked, then renamed into place."""
-    with atomic_dir(job.adapter_dir) as tmp:
+    with atomic_dir(job.output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        generation = Path(job.base_model_dir) / "generation_config.json"
+        generation = job.base_model_dir / "generation_config.json"
         if generation.exists():
             shutil.copy2(generation, tmp / generation.name)
         (tmp / "loss_curve.png").write_bytes(png)
@@ -458,11 +491,11 @@ def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict
 
 
 def train_lora(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
-    """Train (or resume) the LoRA adapter of ``job``; rank 0 writes ``job.adapter_dir``."""
+    """Train (or resume) the LoRA adapter of ``job``; rank 0 writes ``job.output_dir``."""
     started = time.perf_counter()
     rt = start_runtime(job.config)
     try:
-        return _train(job, reporter or LogReporter() if rt.is_main else NullReporter(), rt, started)
+        return _train(job, (reporter or LogReporter()) if rt.is_main else NullReporter(), rt, started)
     finally:
         if rt.owns_process_group:
             dist.destroy_process_group()
@@ -473,69 +506,64 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
     tokenizer = AutoTokenizer.from_pretrained(job.base_model_dir, trust_remote_code=False)
     filler_id = tokenizer.eos_token_id
     train_chats, skipped = load_chats(job.train_path, tokenizer, cfg)
-    val_chats, _ = load_chats(job.val_path, tokenizer, cfg)
-    val_chats = val_chats[: cfg.max_eval_chats or None]
+    val_chats = load_chats(job.val_path, tokenizer, cfg)[0][: cfg.max_eval_chats or None]
     positions = AutoConfig.from_pretrained(job.base_model_dir).max_position_embeddings
-    longest = max(len(c) for c in train_chats + val_chats)
-    if longest > positions:
-        raise ValueError(f"chats reach {longest} tokens, more than the model's {positions} positions: lower max_tokens_count")
-    plan = DataPlan(make_rows(train_chats, cfg), cfg.per_device_batch_size * cfg.gradient_accumulation_steps * rt.world_size, cfg.seed)
+    if (longest := max(len(c) for c in train_chats + val_chats)) > positions:
+        raise ValueError(f"chats reach {longest} tokens, past the model's {positions} positions: lower max_tokens_count")
+    plan = DataPlan(train_chats, cfg.per_device_batch_size * cfg.gradient_accumulation_steps * rt.world_size, cfg.seed)
     if plan.steps_per_epoch == 0:
         raise ValueError(
-            f"{job.train_path} makes {len(plan.rows)} rows, fewer than one optimizer step's {plan.rows_per_step} "
-            f"(per_device_batch_size × gradient_accumulation_steps × {rt.world_size} processes): lower those or add data"
+            f"{job.train_path} has {len(train_chats)} usable chats, fewer than one optimizer step's "
+            f"{plan.chats_per_step} (per_device_batch_size × gradient_accumulation_steps × {rt.world_size} "
+            "processes): lower those or add data"
         )
-    val_rows = make_rows(val_chats, cfg)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * plan.steps_per_epoch))
-
-    key = run_key(job, rt.world_size)
-    run = Path(job.run_dir) / key[:16]
-    if rt.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        for stale in run.glob(".checkpoint-*"):  # temporaries of a killed save
-            shutil.rmtree(stale, ignore_errors=True)
-        (run / "run.json").write_text(json.dumps({"run_key": key, **job.to_json()}, indent=2))
-    if rt.distributed:
-        dist.barrier()  # every rank sees the same checkpoints, so all resume from the same step
+    val_batches = rank_batches(val_chats, cfg, rt)
+    run, key = open_run(job, rt)
 
     model = load_lora_model(job.base_model_dir, cfg, rt)
     optimizer = torch.optim.AdamW(list(trainable(model).values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, cfg.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    latest = checkpoints(run)[-1:] if run.exists() else []
-    if latest:
-        state = load_checkpoint(latest[0], model, optimizer, scheduler, scaler, rt)
-        if state["run_key"] != key:
-            raise RuntimeError(f"{latest[0]} belongs to another run; delete it to start fresh")
+    if latest := checkpoints(run)[-1:]:
+        state = load_checkpoint(latest[0], key, model, optimizer, scheduler, scaler, rt)
         reporter.log(f"resuming from {latest[0]} (step {state['step']})")
     else:
-        with model.disable_adapter():
-            base_eval_loss = evaluate(model, val_rows, filler_id, cfg, rt)
-        state = {"run_key": key, "step": 0, "losses": [], "evals": [], "base_eval_loss": base_eval_loss, "tokens_seen": 0, "train_time_s": 0.0}
+        with model.disable_adapter():  # LoRA B starts at 0 anyway: this is the untouched base
+            base_eval_loss = evaluate(model, val_batches, filler_id, rt)
+        state = {"run_key": key, "step": 0, "base_eval_loss": base_eval_loss, "losses": [], "evals": []}
+        state |= {"tokens_seen": 0, "train_time_s": 0.0}
     resumed_from_step = state["step"]
     reporter.log(
-        f"{len(train_chats)} train chats ({skipped} without targets skipped) in {len(plan.rows)} rows, "
-        f"{len(val_chats)} val chats; {total_steps} steps of {plan.rows_per_step} rows on {rt.world_size} × {rt.device} "
+        f"{len(train_chats)} train chats ({skipped} without targets skipped), {len(val_chats)} val chats; "
+        f"{total_steps} steps of {plan.chats_per_step} chats on {rt.world_size} × {rt.device} "
         f"{str(rt.dtype).removeprefix('torch.')}; base model eval loss {state['base_eval_loss']:.4f}"
     )
 
     model.train()
-    ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else model
+    ddp = model
+    if rt.distributed:
+        ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     for step in range(state["step"], total_steps):
         torch.manual_seed(cfg.seed + step * rt.world_size + rt.rank)  # dropout masks: a function of the step
         t0 = time.perf_counter()
-        rows = plan.step_rows(step)
-        batches = [collate(r, filler_id).to(rt.device) for r in micro_batches(rows, rt, cfg.per_device_batch_size)]
+        chats = plan.step_chats(step)
+        batches = [collate(rows, filler_id).to(rt.device) for rows in rank_batches(chats, cfg, rt)]
         lr = optimizer.param_groups[0]["lr"]
-        loss, grad_norm = train_step(ddp, optimizer, scheduler, scaler, batches, sum(c.n_targets for r in rows for c in r), cfg, rt)
+        n_targets, tokens = sum(c.n_targets for c in chats), sum(len(c) for c in chats)
+        loss, grad_norm = train_step(ddp, optimizer, scheduler, scaler, batches, n_targets, cfg, rt)
         seconds = time.perf_counter() - t0
-        tokens = sum(len(c) for r in rows for c in r)
-        state.update(step=step + 1, tokens_seen=state["tokens_seen"] + tokens, train_time_s=state["train_time_s"] + seconds)
+        state["step"] = step + 1
         state["losses"].append(loss)
-        reporter.log(f"step {step + 1}/{total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f} tokens/s {tokens / seconds:,.0f}")
+        state["tokens_seen"] += tokens
+        state["train_time_s"] += seconds
+        reporter.log(
+            f"step {step + 1}/{total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f} "
+            f"tokens/s {tokens / seconds:,.0f}"
+        )
         last = step + 1 == total_steps
         if (step + 1) % cfg.eval_steps == 0 or last:
-            state["evals"].append([step + 1, evaluate(model, val_rows, filler_id, cfg, rt)])
+            state["evals"].append([step + 1, evaluate(model, val_batches, filler_id, rt)])
             reporter.log(f"step {step + 1} eval loss {state['evals'][-1][1]:.4f}")
         if rt.is_main and ((step + 1) % cfg.save_steps == 0 or last):
             save_checkpoint(run, model, optimizer, scheduler, scaler, state)
@@ -554,9 +582,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         | {"bias": "none", "fan_in_fan_out": True},
         "train_chats": len(train_chats),
         "train_chats_skipped": skipped,
-        "train_rows": len(plan.rows),
         "val_chats": len(val_chats),
-        "pack_fill": sum(len(c) for r in plan.rows for c in r) / (len(plan.rows) * cfg.pack_tokens) if cfg.packing else None,
         "world_size": rt.world_size,
         "device": rt.device.type,
         "dtype": str(rt.dtype).removeprefix("torch."),
@@ -570,7 +596,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         png = loss_curve_png(state["losses"], state["evals"], state["base_eval_loss"])
         write_adapter(job, model, tokenizer, metrics, png)
         reporter.report(metrics, png)
-    return TrainResult(Path(job.adapter_dir), metrics)
+    return TrainResult(job.output_dir, metrics)
 
 
 def _rank_divergence(model: torch.nn.Module, rt: Runtime) -> float:
@@ -583,7 +609,7 @@ def _rank_divergence(model: torch.nn.Module, rt: Runtime) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="LoRA-tune a GPT-2 base on chat jsonl files.")
-    parser.add_argument("--config", type=Path, required=True, help="job JSON: paths and a 'train' object of TrainConfig values")
+    parser.add_argument("--config", type=Path, required=True, help="job JSON: TrainJob paths and 'train' settings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
     job = TrainJob.from_json(args.config)

@@ -14,18 +14,22 @@ from typing import Literal
 
 import dagster as dg
 
+from rugpt_assets import settings
 from rugpt_assets.core import sources
 from rugpt_assets.core.artifacts import StorageLayout
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Root directory of every artifact this project writes (see `core.artifacts.StorageLayout`)."""
+    """Root directory of every artifact this project writes (see `core.artifacts.StorageLayout`).
 
-    root: str
+    Empty `root` means `settings.storage_root()`, resolved when a run uses it, not at import.
+    """
+
+    root: str = ""
 
     @property
     def layout(self) -> StorageLayout:
-        return StorageLayout(Path(self.root))
+        return StorageLayout(Path(self.root) if self.root else settings.storage_root())
 
 
 class SourcesResource(dg.ConfigurableResource):

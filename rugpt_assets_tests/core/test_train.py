@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rugpt_assets.core.artifacts import write_jsonl
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, TrainConfig
 from rugpt_assets.core.demo_model import DemoModelSpec, build_demo_model
-from rugpt_assets.core.train import PipesReporter, Runtime, TrainJob, evaluate, load_chats, make_rows, train_lora
+from rugpt_assets.core.train import PipesReporter, Runtime, TrainJob, evaluate, load_chats, rank_batches, train_lora
 
 CONFIG = replace(
     TrainConfig(),
@@ -86,7 +86,7 @@ def make_job(inputs: Path, out: Path, config: TrainConfig = CONFIG, base: Path |
 
 def run_cli(job: TrainJob, out: Path, *launcher: str) -> subprocess.Popen:
     config = out / "job.json"
-    config.write_text(json.dumps(job.to_json()))
+    job.write(config)
     command = [*launcher] if launcher else [sys.executable]
     return subprocess.Popen(
         [*command, "-m", "rugpt_assets.core.train", "--config", str(config)],
@@ -106,7 +106,7 @@ def test_training_beats_the_base_model_and_the_adapter_loads(inputs, tmp_path):
     assert m["eval_loss"] < m["base_eval_loss"] - 0.1
     assert sum(m["loss_history"][-3:]) < sum(m["loss_history"][:3])
     assert m["tokens_seen"] > 0 and m["tokens_per_second"] > 0 and m["peak_memory_gb"] > 0
-    assert m["train_rows"] < m["train_chats"] and 0 < m["pack_fill"] <= 1  # packed
+    assert m["train_chats"] == 200 and m["val_chats"] == 24
 
     adapter = result.adapter_dir
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "generation_config.json"):
@@ -119,11 +119,11 @@ def test_training_beats_the_base_model_and_the_adapter_loads(inputs, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(inputs / "base", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    val_rows = make_rows(load_chats(inputs / "val.jsonl", tokenizer, CONFIG)[0], CONFIG)
     cpu = Runtime(torch.device("cpu"), torch.float32)
-    assert evaluate(model, val_rows, tokenizer.eos_token_id, CONFIG, cpu) == pytest.approx(m["eval_loss"], rel=1e-5)
+    val_batches = rank_batches(load_chats(inputs / "val.jsonl", tokenizer, CONFIG)[0], CONFIG, cpu)
+    assert evaluate(model, val_batches, tokenizer.eos_token_id, cpu) == pytest.approx(m["eval_loss"], rel=1e-5)
     with model.disable_adapter():
-        assert evaluate(model, val_rows, tokenizer.eos_token_id, CONFIG, cpu) == pytest.approx(m["base_eval_loss"], rel=1e-5)
+        assert evaluate(model, val_batches, tokenizer.eos_token_id, cpu) == pytest.approx(m["base_eval_loss"], rel=1e-5)
 
 
 def test_killed_run_resumes_onto_the_uninterrupted_trajectory(inputs, tmp_path):
@@ -131,17 +131,16 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(inputs, tmp_path):
     reference = train_lora(make_job(inputs, tmp_path / "reference", config)).metrics
 
     job = make_job(inputs, tmp_path / "killed", config)
-    (tmp_path / "killed").mkdir()
     process = run_cli(job, tmp_path / "killed")
     deadline = time.monotonic() + 120
-    while not list(job.run_dir.glob("*/checkpoint-*")):
+    while not list(job.runs_dir.glob("*/checkpoint-*")):
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    assert not job.adapter_dir.exists()  # killed mid-run, before the end
-    saved = sorted(job.run_dir.glob("*/checkpoint-*"))[-1]
+    assert not job.output_dir.exists()  # killed mid-run, before the end
+    saved = sorted(job.runs_dir.glob("*/checkpoint-*"))[-1]
     saved_step = json.loads((saved / "state.json").read_text())["step"]
     assert 4 <= saved_step < 40
 
@@ -149,12 +148,12 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(inputs, tmp_path):
     log, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, log
     assert f"step {saved_step + 1}/40 " in log and f"step {saved_step}/40 " not in log  # continues, no repeats
-    resumed = json.loads((job.adapter_dir / "metrics.json").read_text())
+    resumed = json.loads((job.output_dir / "metrics.json").read_text())
     assert resumed["resumed_from_step"] == saved_step
     assert resumed["loss_history"] == pytest.approx(reference["loss_history"], rel=1e-5)
     assert [s for s, _ in resumed["eval_history"]] == [s for s, _ in reference["eval_history"]]
     assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
-    ours = load_file(job.adapter_dir / "adapter_model.safetensors")
+    ours = load_file(job.output_dir / "adapter_model.safetensors")
     theirs = load_file(tmp_path / "reference" / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -177,11 +176,10 @@ def test_ddp_on_two_cpu_processes_equals_one_process(inputs, tmp_path):
     config = replace(CONFIG, lora_dropout=0.0, max_steps=6, per_device_batch_size=2)
 
     ddp_job = make_job(inputs, tmp_path / "ddp", replace(config, gradient_accumulation_steps=1), base)
-    (tmp_path / "ddp").mkdir()
     process = run_cli(ddp_job, tmp_path / "ddp", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     log, _ = process.communicate(timeout=300)
     assert process.returncode == 0, log
-    ddp = json.loads((ddp_job.adapter_dir / "metrics.json").read_text())
+    ddp = json.loads((ddp_job.output_dir / "metrics.json").read_text())
     assert ddp["world_size"] == 2
     assert ddp["ddp_rank_max_abs_diff"] == 0.0  # both ranks hold the same LoRA weights
 
@@ -189,7 +187,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process(inputs, tmp_path):
     assert ddp["tokens_seen"] == single["tokens_seen"]  # the same global batches
     assert ddp["loss_history"] == pytest.approx(single["loss_history"], rel=1e-5)
     assert ddp["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
-    ours = load_file(ddp_job.adapter_dir / "adapter_model.safetensors")
+    ours = load_file(ddp_job.output_dir / "adapter_model.safetensors")
     theirs = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
@@ -202,7 +200,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process(inputs, tmp_path):
         ({"load_in_4bit": True}, "load_in_4bit=true needs a CUDA GPU"),
         ({"precision": "fp16"}, "precision='fp16' needs a CUDA GPU"),
         ({"precision": "half"}, "precision='half': use 'auto', 'bf16', 'fp16' or 'fp32'"),
-        ({"gradient_accumulation_steps": 1000}, r"train.jsonl makes \d+ rows, fewer than one optimizer step's 2000"),
+        ({"gradient_accumulation_steps": 1000}, "train.jsonl has 200 usable chats, fewer than one optimizer step's 2000"),
         ({"max_tokens_count": 4}, "no chat has a bot message within max_tokens_count=4"),
     ],
 )

@@ -9,5 +9,6 @@ import pytest
 @pytest.fixture
 def instance(tmp_path, monkeypatch):
     monkeypatch.setenv("RUGPT_STORAGE_DIR", str(tmp_path / "artifacts"))
+    (tmp_path / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
         yield instance

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +14,11 @@ from rugpt_assets.core import chat_recipe, sources
 from rugpt_assets.core.artifacts import StorageLayout, read_jsonl
 from rugpt_assets.definitions import defs
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-
-def test_definitions_validate():
+def test_definitions_validate(tmp_path):
     result = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-m", "rugpt_assets.definitions"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env={**os.environ, "DAGSTER_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Validation successful" in result.stdout + result.stderr
@@ -53,7 +51,7 @@ def test_sources_and_chat_set_materialize(instance, tmp_path):
     val = list(read_jsonl(layout.chat_set / "val.jsonl"))
     assert chat["train_chats"].value == len(train) > 0
     assert chat["val_chats"].value == len(val) > 0
-    counted = {r.record_data["source"]: r.record_data["train"] + r.record_data["val"] for r in chat["counts_by_source"].value.records}
+    counted = {r.data["source"]: r.data["train"] + r.data["val"] for r in chat["counts_by_source"].value.records}
     assert sum(counted.values()) == len(train) + len(val)
     assert "**Chat 1**" in chat["preview"].value
     # The data version of chat_set is tied to the recipe's code version.

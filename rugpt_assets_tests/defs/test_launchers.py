@@ -1,5 +1,9 @@
 """RoutingRunLauncher on a real instance configured like the proposed root dagster.yaml."""
 
+import json
+import multiprocessing
+import os
+import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +14,7 @@ import pytest
 import yaml
 from dagster._core.events import DagsterEvent, DagsterEventType
 from dagster._core.launcher import LaunchRunContext, RunLauncher
+from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteRepositoryOrigin
 from dagster._core.run_coordinator import SubmitRunContext
 from dagster._core.storage.dagster_run import DagsterRunStatus
@@ -22,7 +27,7 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
 from rugpt_assets.launchers import LAUNCHER_TAG, RoutingRunLauncher
 
-LOCAL_SNIPPET = Path(__file__).resolve().parents[2] / "deploy" / "dagster.local.yaml.snippet"
+PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[2] / "dagster.yaml"
 
 
 class RecordingLauncher(RunLauncher, ConfigurableClass):
@@ -32,7 +37,7 @@ class RecordingLauncher(RunLauncher, ConfigurableClass):
         super().__init__()
         self._inst_data = inst_data
         self.launched: list[dg.DagsterRun] = []
-        self.terminated: list[str] = []
+        self.calls: list[tuple[str, str]] = []  # (method, run id) after launch
 
     @property
     def inst_data(self):
@@ -50,8 +55,20 @@ class RecordingLauncher(RunLauncher, ConfigurableClass):
         self.launched.append(context.dagster_run)
 
     def terminate(self, run_id: str) -> bool:
-        self.terminated.append(run_id)
+        self.calls.append(("terminate", run_id))
         return True
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: dg.DagsterRun) -> CheckRunHealthResult:
+        self.calls.append(("health", run.run_id))
+        return CheckRunHealthResult(WorkerStatus.RUNNING)
+
+    def get_run_worker_debug_info(self, run, include_container_logs=True) -> str:
+        self.calls.append(("debug", run.run_id))
+        return "recorded"
 
 
 RECORDING = {"module": __name__, "class": "RecordingLauncher"}
@@ -67,7 +84,8 @@ def lora_adapter(chat_set: int) -> int:
     return chat_set + 1
 
 
-ASSET_JOB = dg.Definitions(assets=[chat_set, lora_adapter]).resolve_implicit_global_asset_job_def()
+DEFS = dg.Definitions(assets=[chat_set, lora_adapter])
+ASSET_JOB = DEFS.resolve_implicit_global_asset_job_def()
 # Queued runs must say where they come from; the daemon never loads this location here.
 JOB_ORIGIN = RemoteRepositoryOrigin(
     RegisteredCodeLocationOrigin("rugpt_assets"), "__repository__"
@@ -75,8 +93,10 @@ JOB_ORIGIN = RemoteRepositoryOrigin(
 
 
 def local_config(**launchers: Mapping[str, Any]) -> dict[str, Any]:
-    """The proposed root dagster.yaml blocks, with the sub-launchers swapped for `launchers`."""
-    config = yaml.safe_load(LOCAL_SNIPPET.read_text())
+    """The project's dagster.yaml, storage left to the test instance, sub-launchers swapped for `launchers`."""
+    config = yaml.safe_load(PROJECT_DAGSTER_YAML.read_text())
+    for key in ("storage", "local_artifact_storage", "compute_logs"):
+        config.pop(key)
     config["run_launcher"]["config"].update(launchers)
     return config
 
@@ -117,17 +137,35 @@ def test_run_goes_to_the_launcher_of_its_pools(assets, side):
         assert instance.get_run_by_id(run.run_id).tags[LAUNCHER_TAG] == side
 
 
-def test_terminate_goes_to_the_launcher_that_started_the_run():
+def test_later_calls_go_to_the_launcher_that_started_the_run():
     with routed_instance() as instance:
         gpu_run, cpu_run = create_run(instance, "lora_adapter"), create_run(instance, "chat_set")
         for run in (gpu_run, cpu_run):
             instance.launch_run(run.run_id, workspace=None)
+        # The tag decides, not the pools: a run the GPU side started stays with it.
+        tagged = create_run(instance, "chat_set")
+        instance.add_run_tags(tagged.run_id, {LAUNCHER_TAG: "gpu"})
+        router = instance.run_launcher
 
-        assert instance.run_launcher.terminate(cpu_run.run_id) is True
-        assert instance.run_launcher.terminate(gpu_run.run_id) is True
-        assert instance.run_launcher.terminate("no-such-run") is False
-        assert sub_launcher(instance, "gpu").terminated == [gpu_run.run_id]
-        assert sub_launcher(instance, "cpu").terminated == [cpu_run.run_id]
+        assert router.supports_check_run_worker_health
+        for run in (cpu_run, gpu_run):
+            run = instance.get_run_by_id(run.run_id)
+            assert router.check_run_worker_health(run).status == WorkerStatus.RUNNING
+            assert router.get_run_worker_debug_info(run) == "recorded"
+            assert router.terminate(run.run_id) is True
+        assert router.terminate(tagged.run_id) is True
+        assert router.terminate("no-such-run") is False
+        assert sub_launcher(instance, "cpu").calls == [
+            ("health", cpu_run.run_id),
+            ("debug", cpu_run.run_id),
+            ("terminate", cpu_run.run_id),
+        ]
+        assert sub_launcher(instance, "gpu").calls == [
+            ("health", gpu_run.run_id),
+            ("debug", gpu_run.run_id),
+            ("terminate", gpu_run.run_id),
+            ("terminate", tagged.run_id),
+        ]
 
 
 def test_invalid_sub_launcher_config_names_the_block():
@@ -166,36 +204,78 @@ def queue(instance: dg.DagsterInstance):
         yield submit, tick
 
 
-def test_second_gpu_run_waits_in_the_queue_until_the_first_ends():
+@pytest.fixture
+def no_grace_for_started_runs(monkeypatch):
+    # The daemon counts a just-started run as holding its pools for 5 s; without that grace
+    # only the slots its steps really claimed can block the queue.
+    monkeypatch.setenv("DAGSTER_OP_CONCURRENCY_KEYS_ALLOTTED_FOR_STARTED_RUN_SECONDS", "0")
+
+
+def test_second_gpu_run_stays_queued_while_the_first_trains(no_grace_for_started_runs):
     with routed_instance() as instance, queue(instance) as (submit, tick):
-        first, second = submit("lora_adapter"), submit("chat_set", "lora_adapter")
+        storage = instance.event_log_storage
+        first = submit("lora_adapter")
         tick()
-        assert (status(instance, first), status(instance, second)) == (
-            DagsterRunStatus.STARTING,
-            DagsterRunStatus.QUEUED,
-        )
         report(instance, first, DagsterEventType.RUN_START)
+        # What the first run's executor does before running its GPU step.
+        assert storage.claim_concurrency_slot("gpu", first.run_id, "lora_adapter").is_claimed
+
+        second = submit("lora_adapter")
         tick()
         assert status(instance, first) == DagsterRunStatus.STARTED
         assert status(instance, second) == DagsterRunStatus.QUEUED
 
+        storage.free_concurrency_slot_for_step(first.run_id, "lora_adapter")
         report(instance, first, DagsterEventType.RUN_SUCCESS)
         tick()
         assert status(instance, second) == DagsterRunStatus.STARTING
-        assert [r.run_id for r in sub_launcher(instance, "gpu").launched] == [
-            first.run_id,
-            second.run_id,
-        ]
+        launched = [r.run_id for r in sub_launcher(instance, "gpu").launched]
+        assert launched == [first.run_id, second.run_id]
 
 
-def test_cpu_runs_go_side_by_side_once_the_cpu_pool_is_raised():
+def test_cpu_runs_go_side_by_side_up_to_the_cpu_pool_limit():
     with routed_instance() as instance, queue(instance) as (submit, tick):
+        instance.event_log_storage.set_concurrency_slots("cpu", 2)  # the bootstrap command
         runs = [submit("chat_set") for _ in range(3)]
-        tick()  # a fresh instance: every pool starts at default_limit 1
-        assert [status(instance, r) for r in runs].count(DagsterRunStatus.STARTING) == 1
-
-        instance.event_log_storage.set_concurrency_slots("cpu", 3)  # the bootstrap command
         tick()
-        assert all(status(instance, r) == DagsterRunStatus.STARTING for r in runs)
-        assert len(sub_launcher(instance, "cpu").launched) == 3
+        statuses = [status(instance, r) for r in runs]
+        assert statuses == [DagsterRunStatus.STARTING] * 2 + [DagsterRunStatus.QUEUED]
+        assert len(sub_launcher(instance, "cpu").launched) == 2
         assert sub_launcher(instance, "gpu").launched == []
+
+
+@dg.asset(pool="gpu", name="lora_adapter")
+def timed_lora_adapter() -> None:
+    started = time.time()
+    time.sleep(1.0)
+    with open(os.environ["RUGPT_TEST_SPANS"], "a") as f:
+        f.write(json.dumps([started, time.time()]) + "\n")
+
+
+def materialize_in_fresh_process(dagster_home: str) -> None:
+    with dg.DagsterInstance.from_config(dagster_home) as instance:
+        assert dg.materialize([timed_lora_adapter], instance=instance).success
+
+
+def test_gpu_steps_never_overlap_on_a_fresh_instance(tmp_path, monkeypatch):
+    """Two processes materialize the GPU asset at once, outside any queue, with nothing set
+    up but the proposed dagster.yaml: the pool slot still serializes the two steps."""
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(local_config()))
+    # Create the storage here: two processes creating the same sqlite schema at once collide.
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.event_log_storage.get_pool_limits() == []  # fresh: no pool set up
+    spans_file = tmp_path / "spans.jsonl"
+    monkeypatch.setenv("RUGPT_TEST_SPANS", str(spans_file))
+    spawn = multiprocessing.get_context("spawn")
+    workers = [
+        spawn.Process(target=materialize_in_fresh_process, args=(str(tmp_path),))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    spans = sorted(json.loads(line) for line in spans_file.read_text().splitlines())
+    (_, first_end), (second_start, _) = spans
+    assert second_start >= first_end

@@ -1,0 +1,3 @@
+"""Asset checks on the exported GGML files."""
+
+export_checks: list = []
