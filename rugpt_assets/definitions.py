@@ -40,7 +40,7 @@ observe_sources_schedule = dg.ScheduleDefinition(
 def resources_for(profile: settings.Profile) -> dict:
     return {
         "storage": StorageResource(),
-        "sources_resource": SourcesResource(mode=profile.source_mode, local_dir=str(profile.sources_dir)),
+        "sources_resource": SourcesResource(mode=profile.source_mode),
         "trainer": TrainerResource(),
     }
 

@@ -234,7 +234,8 @@ def _ggml_array(ggml_name: str, tensor: torch.Tensor) -> np.ndarray:
         tensor = tensor.T
     dtype = torch.float16 if tensor.ndim == 2 and ggml_name != "model/wpe" else torch.float32
     out = tensor.to(dtype).contiguous()
-    if not torch.isfinite(out).all():
+    # In row blocks: a whole-tensor isfinite would allocate float32 and bool copies of it.
+    if not all(torch.isfinite(rows).all() for rows in out.split(4096)):
         raise ValueError(f"tensor {ggml_name} has values that overflow {dtype} (or are NaN/inf)")
     return out.numpy()
 

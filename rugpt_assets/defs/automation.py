@@ -9,7 +9,6 @@ waits at least `RUGPT_MIN_RETRAIN_HOURS` after its last materialization.
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import dagster as dg
@@ -18,26 +17,24 @@ DEFAULT_OBSERVE_CRON = "0 * * * *"
 
 
 class MaterializedLongAgo(dg.AutomationCondition):
-    """True when the asset has no materialization newer than `min_interval_seconds`.
+    """True when the asset has no materialization in the last `RUGPT_MIN_RETRAIN_HOURS` hours.
 
-    Custom conditions are evaluated in the code server (`use_user_code_server=True` below).
+    The interval is read at each evaluation, so changing it needs no redeploy. Custom
+    conditions are evaluated in the code server (`use_user_code_server=True` below).
     """
-
-    def __init__(self, min_interval_seconds: float):
-        self.min_interval_seconds = min_interval_seconds
 
     @property
     def description(self) -> str:
-        return f"No materialization in the last {self.min_interval_seconds / 3600:g} h"
+        return f"No materialization in the last {min_retrain_interval_hours():g} h (RUGPT_MIN_RETRAIN_HOURS)"
 
     @property
     def name(self) -> str:
         return "materialized_long_ago"
 
     def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
-        record = context.instance.get_latest_materialization_event(context.key)
+        record = context.asset_graph_view.instance.get_latest_materialization_event(context.key)
         now = context.evaluation_time.timestamp()
-        if record is None or now - record.timestamp >= self.min_interval_seconds:
+        if record is None or now - record.timestamp >= min_retrain_interval_hours() * 3600:
             return dg.AutomationResult(context=context, true_subset=context.candidate_subset)
         return dg.AutomationResult(context=context, true_subset=context.get_empty_subset())
 
@@ -57,10 +54,7 @@ def min_retrain_interval_hours() -> float:
 
 def training_condition() -> dg.AutomationCondition:
     """`retrain_condition`, held back until the minimum interval since the last training passed."""
-    interval = MaterializedLongAgo(
-        min_interval_seconds=datetime.timedelta(hours=min_retrain_interval_hours()).total_seconds()
-    )
-    return (retrain_condition() & interval).with_label("retrain (rate-limited)")
+    return (retrain_condition() & MaterializedLongAgo()).with_label("retrain (rate-limited)")
 
 
 def observe_cron() -> str:

@@ -36,6 +36,7 @@ class SourcesResource(dg.ConfigurableResource):
     """Where the seven rulm datasets are read from: the hub, or a local mirror in the hub layout."""
 
     mode: Literal["local", "hub"] = "local"
+    # Empty: the active profile's directory (RUGPT_SOURCES_DIR or the bundled samples), resolved at use.
     local_dir: str = ""
     # Pinned dataset revisions by source name; unset means the hub's current `main`.
     revisions: dict[str, str] = {}
@@ -45,18 +46,21 @@ class SourcesResource(dg.ConfigurableResource):
     def _token(self) -> str | None:
         return os.environ.get(self.token_env_var) or None
 
+    def _local_dir(self) -> Path:
+        return Path(self.local_dir) if self.local_dir else settings.active_profile().sources_dir
+
     def read(self, spec: sources.SourceSpec) -> tuple[Iterable, str]:
         """Rows (or malformed-line markers) and the revision they come from."""
         if self.mode == "hub":
             return sources.read_hub(spec, self.revisions.get(spec.name), self._token())
-        local_dir = Path(self.local_dir)
+        local_dir = self._local_dir()
         return sources.read_local(spec, local_dir), "sha256:" + sources.content_hash(spec, local_dir)
 
     def data_version(self, spec: sources.SourceSpec) -> str:
         """What an observation reports: the hub revision, or a hash of the local files."""
         if self.mode == "hub":
             return sources.hub_revision(spec, self.revisions.get(spec.name), self._token())
-        return "sha256:" + sources.content_hash(spec, Path(self.local_dir))
+        return "sha256:" + sources.content_hash(spec, self._local_dir())
 
 
 class TrainerResource(dg.ConfigurableResource):
