@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shutil
@@ -90,10 +91,13 @@ def instructions(t: Text, n: int, dup_rate: float) -> list[str]:
 
 
 def generate(root: Path, scale: float, seed: int = 0) -> None:
-    """Rows per source as on the hub, times ``scale``."""
+    """Row counts near the hub's, set so that the recipe gives about the 62k chats it gave on the
+    hub data; ``scale`` multiplies them."""
     rng = random.Random(seed)
     t = Text(rng)
-    n = lambda count: max(1, int(count * scale))  # noqa: E731
+
+    def n(count: int) -> int:
+        return max(1, int(count * scale))
 
     def write(dirname: str, split: str, rows) -> None:
         path = root / dirname / f"{split}.jsonl"
@@ -140,30 +144,25 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(sources_dir: Path, out_dir: Path) -> dict:
+def measure(root: Path, out_dir: Path) -> dict:
     """The timed part (runs in a child process): load, build, write."""
     from rugpt_assets.core.chat_recipe import build_chat_set, load_bad_substrings, summarize, write_chat_set
     from rugpt_assets.core.configs import RecipeConfig
     from rugpt_assets.core.sources import SOURCES, normalize_rows, read_local
 
-    times = {}
-    start = time.perf_counter()
-    rows = {spec.name: normalize_rows(spec, read_local(spec, sources_dir)).rows for spec in SOURCES}
-    times["load"] = time.perf_counter() - start
-    rss = {"load": rss_mb()}
+    stages = {}
 
-    start = time.perf_counter()
-    chat_set = build_chat_set(rows, RecipeConfig(), load_bad_substrings())
-    times["build_chat_set"] = time.perf_counter() - start
-    rss["build_chat_set"] = rss_mb()
+    def stage(name, work):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = work()
+        stages[name] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "rss": rss_mb()}
+        return result
 
-    start = time.perf_counter()
-    write_chat_set(chat_set, out_dir)
-    times["write"] = time.perf_counter() - start
-    rss["write"] = rss_mb()
+    rows = stage("load", lambda: {s.name: normalize_rows(s, read_local(s, root)).rows for s in SOURCES})
+    chat_set = stage("build_chat_set", lambda: build_chat_set(rows, RecipeConfig(), load_bad_substrings()))
+    stage("write", lambda: write_chat_set(chat_set, out_dir))
     return {
-        "times": times,
-        "rss_mb": rss,
+        "stages": stages,
         "rows": sum(len(r) for r in rows.values()),
         "summary": summarize(chat_set),
         "stats": chat_set.stats,
@@ -192,6 +191,7 @@ def main() -> None:
             generate(sources_dir, args.scale)
             print(f"generated synthetic sources in {time.perf_counter() - start:.0f} s: {sources_dir}")
         size_mb = sum(p.stat().st_size for p in sources_dir.rglob("*.jsonl")) / 2**20
+        load_before = os.getloadavg()[0]  # other work on the machine stretches wall time, not CPU time
         child = subprocess.run(
             [sys.executable, __file__, "--measure", str(sources_dir), str(work / "chat_set")],
             check=True, capture_output=True, text=True,
@@ -201,13 +201,15 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    times, rss, summary = result["times"], result["rss_mb"], result["summary"]
+    stages, summary = result["stages"], result["summary"]
     print(f"input: {result['rows']:,} rows, {size_mb:,.0f} MB -> {summary['train']:,} train + "
           f"{summary['val']:,} val chats, {out_mb:,.0f} MB")  # fmt: skip
-    print(f"{'stage':<16}{'seconds':>9}{'peak RSS MB':>13}")
-    for stage in times:
-        print(f"{stage:<16}{times[stage]:>9.1f}{rss[stage]:>13,.0f}")
-    print(f"{'total':<16}{sum(times.values()):>9.1f}{max(rss.values()):>13,.0f}")
+    print(f"machine load average when it started: {load_before:.1f} (on {os.cpu_count()} cores)")
+    print(f"{'stage':<16}{'wall s':>8}{'CPU s':>8}{'peak RSS MB':>13}")
+    for name, st in stages.items():
+        print(f"{name:<16}{st['wall']:>8.1f}{st['cpu']:>8.1f}{st['rss']:>13,.0f}")
+    wall, cpu = (sum(st[k] for st in stages.values()) for k in ("wall", "cpu"))
+    print(f"{'total':<16}{wall:>8.1f}{cpu:>8.1f}{max(st['rss'] for st in stages.values()):>13,.0f}")
     print("by source:", {s: c["train"] + c["val"] for s, c in summary["by_source"].items()})
     if args.stats:
         print(json.dumps(result["stats"], indent=1))

@@ -66,14 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     from rugpt_assets.core import evaluate, ggml
 
     defaults = GenerationConfig()
-    parser = argparse.ArgumentParser(prog="python -m rugpt_assets.chat", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rugpt_assets.chat",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--quant", default="Q5_1", help="f16 or a quantization type (default: Q5_1)")
+    which.add_argument("--quant", default="Q5_1", help="f16 or a quantization type, from the storage layout")
     which.add_argument("--model", type=Path, help="a GGML file instead of the storage layout's")
     parser.add_argument("--threads", type=int, default=ExportConfig().threads, help="llm-rs threads")
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="per reply")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed")
     args = parser.parse_args(argv)
 
     path = args.model or resolve_model_path(args.quant)

@@ -28,6 +28,9 @@ observe_sources_job = dg.define_asset_job(
     "observe_sources",
     selection=dg.AssetSelection.keys(*(s.key for s in observed_sources)),
     description="Record each source dataset's current revision (hub) or content hash (local).",
+    # Seven hash/revision look-ups take a second; a process per step (importing the whole code
+    # location each) took minutes on a small box and let scheduled runs pile up.
+    executor_def=dg.in_process_executor,
 )
 observe_sources_schedule = dg.ScheduleDefinition(
     job=observe_sources_job,

@@ -74,7 +74,8 @@ def demo_profile() -> Profile:
             pack_tokens=512,
             device="cpu",
         ),
-        export=ExportConfig(threads=2, eval_chats=16, eval_max_tokens=256),
+        # One llm-rs thread: on a small shared CPU more threads make it orders of magnitude slower.
+        export=replace(ExportConfig(), threads=1, eval_chats=16, eval_max_tokens=256),
     )
 
 

@@ -16,9 +16,10 @@ import math
 import random
 import re
 import statistics
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -211,24 +212,35 @@ def minhashes(texts, num_perm: int):
 
 def remove_near_duplicates(records, config: RecipeConfig, stats) -> list[dict]:
     """Step 4: drop a record whose first message is estimated > threshold similar (Jaccard) to
-    that of an earlier kept record among its LSH candidates; dropped records are not indexed."""
+    that of an earlier kept record among its LSH candidates; dropped records are not indexed.
+
+    The index is datasketch's ``MinHashLSH(threshold, num_perm)``, written out: its b bands of r
+    hash values (12 x 2 for 0.3 and 32), and its rule, a kept record is a candidate when it equals
+    the query on all values of some band. Here the buckets hold row numbers into one array of the
+    kept hash values, so the candidates' Jaccard estimates (the share of equal hash values, as
+    ``MinHash.jaccard``) come in one numpy step. At threshold 0.3 a query has hundreds of
+    candidates (~350 at full size): ``MinHashLSH.query`` and a ``jaccard`` call each took over a
+    minute there, this takes seconds. The tests check it against ``query`` + ``jaccard``.
+    """
     threshold, num_perm = config.dedup_threshold, config.dedup_num_perm
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    # Row i holds the hash values of kept record i (its LSH key). At threshold 0.3 a query returns
-    # hundreds of candidates (~350 on average at full size): their Jaccard estimates, the share of
-    # equal hash values as `MinHash.jaccard` computes it, are taken in one numpy step; ~18 million
-    # `jaccard` calls took over a minute.
-    kept_hashvalues = np.empty((len(records), num_perm), dtype=np.uint64)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # used for its b, r only
+    band_dtype = np.dtype((np.void, lsh.r * 8))  # the r uint64 values of a band as one bytes key
+    buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(lsh.b)]
+    kept_hashvalues = np.empty((len(records), num_perm), dtype=np.uint64)  # row = kept record
     kept = []
     texts = (r["messages"][0]["content"] for r in records)
     for r, minhash in zip(records, minhashes(texts, num_perm)):
-        candidates = lsh.query(minhash)
-        if candidates:
-            jaccard = (kept_hashvalues[candidates] == minhash.hashvalues).sum(axis=1) / num_perm
+        hashvalues = minhash.hashvalues
+        bands = hashvalues[: lsh.b * lsh.r].view(band_dtype).tolist()
+        rows = chain.from_iterable(bucket.get(band, ()) for bucket, band in zip(buckets, bands))
+        candidates = np.fromiter(rows, dtype=np.intp)
+        if candidates.size:
+            jaccard = (kept_hashvalues[candidates] == hashvalues).sum(axis=1) / num_perm
             if (jaccard > threshold).any():
                 continue
-        lsh.insert(len(kept), minhash)
-        kept_hashvalues[len(kept)] = minhash.hashvalues
+        for bucket, band in zip(buckets, bands):
+            bucket[band].append(len(kept))
+        kept_hashvalues[len(kept)] = hashvalues
         kept.append(r)
     dropped = len(records) - len(kept)
     stats["near_duplicates"] = {"records": len(records), "dropped": dropped, "kept": len(kept)}

@@ -67,6 +67,12 @@ class TrainConfig:
     load_in_8bit: bool = True
     load_in_4bit: bool = False
     gradient_checkpointing: bool = True
+    # sdpa | eager | packed_varlen. "packed_varlen" (CUDA, bf16/fp16) runs PyTorch's flash kernel
+    # over each packed chat: same maths as sdpa (dropout included) without a dense per-row mask.
+    attn_implementation: str = "sdpa"
+    # torch.compile each transformer block (one compiled graph serves all layers). Fusing the
+    # elementwise work (GELU, dropout, layer norm) saves activation memory and time on a GPU.
+    compile_blocks: bool = False
     packing: bool = True  # pack chats into rows with exact per-chat attention (DESIGN §7)
     pack_tokens: int = 2048
     device: str = "auto"  # auto | cpu | cuda

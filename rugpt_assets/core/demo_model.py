@@ -122,7 +122,9 @@ def build_demo_model(texts: Iterable[str], out_dir: Path, spec: DemoModelSpec = 
         tokenizer = train_tokenizer(texts, spec.vocab_size)
         torch.manual_seed(spec.seed)
         config = GPT2Config(
-            vocab_size=len(tokenizer),
+            # Padded like ruGPT-3.5's 50272: llm-rs rejects quantized rows that are not a
+            # multiple of 16 bytes, which an odd vocabulary size produces.
+            vocab_size=-(-len(tokenizer) // 64) * 64,
             n_positions=spec.n_positions,
             n_embd=spec.n_embd,
             n_layer=spec.n_layer,

@@ -6,7 +6,12 @@ itself: transformers (≥ 5) reads restarting ``position_ids`` without an ``atte
 packed sequences and builds the block-diagonal causal mask itself — a 4-D mask for eager and
 SDPA attention, varlen kernels for flash attention — so we pass no mask of our own. The padding
 at the end of a row is one more segment that no chat can see (attention is causal and padding
-comes last) and carries no labels. ``targets`` are the labels shifted by one inside each chat,
+comes last) and carries no labels.
+
+A dense mask makes SDPA compute every row's whole square of scores. ``packed_varlen``
+(registered here as a transformers attention implementation) instead hands the chat boundaries
+(``Batch.cu_seq_lens``) to PyTorch's variable-length flash kernel, which computes each chat's
+causal triangle only. ``targets`` are the labels shifted by one inside each chat,
 so no token is trained to predict the first token of the next chat.
 
 An unpacked batch (the seed's shape: one chat per row, padded to the longest) is the same
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 from rugpt_assets.core.chat_template import IGNORE_INDEX
 
@@ -76,6 +83,9 @@ class Batch:
     targets: torch.Tensor  # next-token labels; IGNORE_INDEX where no loss
     n_tokens: int  # real tokens (chats), padding excluded
     n_targets: int  # tokens that carry loss
+    # Where each segment (chat or padding) starts in the flattened batch, then its total size
+    # (int32: flash attention's cu_seqlens).
+    cu_seq_lens: torch.Tensor
 
     def to(self, device: torch.device) -> Batch:
         move = dict(device=device, non_blocking=True)
@@ -85,7 +95,15 @@ class Batch:
             self.targets.to(**move),
             self.n_tokens,
             self.n_targets,
+            self.cu_seq_lens.to(**move),
         )
+
+    def attention_kwargs(self) -> dict:
+        """The chat boundaries under transformers' flash-attention keyword names; attention
+        implementations that do not use them ignore them."""
+        length = self.input_ids.shape[1]  # bounds every segment: no host sync, one shape
+        bounds = self.cu_seq_lens
+        return dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=length, max_length_k=length)
 
 
 def collate(rows: Sequence[Row], filler_id: int) -> Batch:
@@ -99,7 +117,7 @@ def collate(rows: Sequence[Row], filler_id: int) -> Batch:
     input_ids = torch.full((len(rows), length), filler_id, dtype=torch.long)
     position_ids = torch.empty((len(rows), length), dtype=torch.long)
     targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    n_tokens = 0
+    n_tokens, starts = 0, []
     for b, row in enumerate(rows):
         t = 0
         for chat in row:
@@ -107,8 +125,52 @@ def collate(rows: Sequence[Row], filler_id: int) -> Batch:
             input_ids[b, t : t + n] = torch.tensor(chat.input_ids)
             position_ids[b, t : t + n] = torch.arange(n)
             targets[b, t : t + n - 1] = torch.tensor(chat.labels[1:])
+            starts.append(b * length + t)
             t += n
+        if t < length:
+            starts.append(b * length + t)
         position_ids[b, t:] = torch.arange(length - t)
         n_tokens += t
     n_targets = int((targets != IGNORE_INDEX).sum())
-    return Batch(input_ids, position_ids, targets, n_tokens, n_targets)
+    cu_seq_lens = torch.tensor([*starts, len(rows) * length], dtype=torch.int32)
+    return Batch(input_ids, position_ids, targets, n_tokens, n_targets, cu_seq_lens)
+
+
+def packed_varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention inside each segment of ``Batch.cu_seq_lens`` (a transformers attention
+    function): (rows, heads, length, head_dim) in, (rows, length, heads, head_dim) out.
+
+    ``aten._flash_attention_forward`` is the variable-length kernel behind SDPA's flash path and
+    has a backward; unlike ``torch.nn.attention.varlen`` it takes attention dropout.
+    """
+    if cu_seq_lens_q is None:
+        raise ValueError("packed_varlen attention needs the chat boundaries: pass **batch.attention_kwargs() to the model")
+    rows, heads, length, dim = query.shape
+    device = query.device.type
+    # Autocast lowers SDPA's inputs; this op is not on its lists, so lower them here.
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(rows * length, heads, dim).to(dtype)
+
+    out = torch.ops.aten._flash_attention_forward(
+        flat(query), flat(key), flat(value), cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q,
+        dropout, True, False, scale=scaling,
+    )[0]  # fmt: skip
+    return out.view(rows, length, heads, dim), None
+
+
+AttentionInterface.register("packed_varlen", packed_varlen_attention)
+# No mask to build: the boundaries travel as cu_seq_lens.
+AttentionMaskInterface.register("packed_varlen", lambda *args, **kwargs: None)

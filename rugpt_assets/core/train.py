@@ -47,6 +47,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_scheduler
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rugpt_assets.core.artifacts import atomic_dir, atomic_file, read_jsonl, sha256_file
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
@@ -56,6 +57,7 @@ from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "packed_varlen")  # packed_varlen: see `packing`
 JOB_PATHS = ("base_model_dir", "train_path", "val_path", "output_dir", "runs_dir")
 # Bump by hand whenever the adapter this module produces changes (Dagster code_version).
 TRAINER_VERSION = "1"
@@ -148,6 +150,12 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
             )
         if getattr(cfg, flag) and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(f"{flag}=true needs bitsandbytes: pip install 'rugpt-assets[gpu]', or set {flag} to false")
+    if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={cfg.attn_implementation!r}: use one of {ATTN_IMPLEMENTATIONS}")
+    if cfg.attn_implementation == "packed_varlen" and not (on_gpu and dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError(
+            "attn_implementation='packed_varlen' needs a CUDA GPU and precision bf16 or fp16: use 'sdpa' here"
+        )
 
     owns_group = world_size > 1 and not dist.is_initialized()
     if owns_group:
@@ -188,21 +196,41 @@ def load_lora_model(base_model_dir: Path, cfg: TrainConfig, rt: Runtime) -> Peft
         dtype=rt.dtype,
         device_map={"": rt.device},
         quantization_config=quantization,
+        attn_implementation=cfg.attn_implementation,
         trust_remote_code=False,
         use_safetensors=True,
     )
+    return add_lora(model, cfg, quantized=quantization is not None)
+
+
+def add_lora(model: torch.nn.Module, cfg: TrainConfig, quantized: bool = False) -> PeftModel:
+    """A loaded base model made ready for training (no cache, checkpointing as configured) with a
+    fresh LoRA adapter."""
     model.config.use_cache = False
     # Non-reentrant checkpointing gets gradients through frozen embeddings by itself, so PEFT's
     # enable_input_require_grads workaround (needed for the reentrant kind) is not needed.
     checkpointing = {"use_reentrant": False}
-    if quantization is not None:
+    if quantized:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
         )
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
-    return get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(cfg))
+    if cfg.compile_blocks:
+        compile_blocks(model)
+    return model
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place. Compiling block by block (not the whole
+    model) compiles once for all layers and keeps the mask building and the loss outside."""
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to compile: set compile_blocks to false")
+    for block in blocks:
+        block.compile()
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -278,10 +306,13 @@ def loss_sum(model: torch.nn.Module, batch: Batch, rt: Runtime) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's targets (fp32).
 
     No attention_mask and no cache: that is when transformers reads the restarting position_ids
-    as packed chats and masks attention between them (see `packing`).
+    as packed chats and masks attention between them; packed_varlen takes the chat boundaries
+    from the batch's attention kwargs instead (see `packing`).
     """
     with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32):
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        logits = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **batch.attention_kwargs()
+        ).logits
     return F.cross_entropy(
         logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )

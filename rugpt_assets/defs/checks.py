@@ -1,3 +1,77 @@
-"""Asset checks on the exported GGML files."""
+"""Asset checks on the exported GGML files: they load and generate in llm-rs, f16 agrees with
+the merged HF model token for token, and each quantization stays within its perplexity bound."""
 
-export_checks: list = []
+import json
+
+import dagster as dg
+
+from rugpt_assets import settings
+from rugpt_assets.core import evaluate
+from rugpt_assets.core.chat_template import render_prompt
+from rugpt_assets.core.quantize import QuantType
+from rugpt_assets.defs.export import evaluation_path, ggml_f16, ggml_quantized, quant_partitions
+from rugpt_assets.defs.resources import StorageResource
+
+EXPORT = settings.active_profile().export
+
+
+def _generates(path) -> dg.AssetCheckResult:
+    model, load_s = evaluate.load_llm_rs(path, EXPORT.threads)
+    prompt = render_prompt([{"role": "user", "content": EXPORT.check_prompt}])
+    out = evaluate.generate(model, prompt, EXPORT.check_new_tokens, stop_at_special=False)
+    return dg.AssetCheckResult(
+        passed=out.new_tokens == EXPORT.check_new_tokens,
+        metadata={"load_time_s": load_s, "new_tokens": out.new_tokens, "text": out.text},
+    )
+
+
+@dg.asset_check(asset=ggml_f16, blocking=True, description="Loads in llm-rs and generates tokens.")
+def ggml_f16_generates(storage: StorageResource) -> dg.AssetCheckResult:
+    return _generates(storage.layout.ggml_f16)
+
+
+@dg.asset_check(
+    asset=ggml_f16,
+    blocking=True,
+    description="llm-rs greedy output (top_k=1) equals the merged HF model's for a fixed prompt.",
+)
+def ggml_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResult:
+    layout = storage.layout
+    prompt = render_prompt([{"role": "user", "content": EXPORT.check_prompt}])
+    agreement = evaluate.greedy_agreement(
+        layout.ggml_f16, layout.merged_model, prompt, EXPORT.check_new_tokens, EXPORT.threads
+    )
+    return dg.AssetCheckResult(
+        passed=agreement["equal"],
+        metadata={"tokens": agreement["tokens"], "matching_prefix": agreement["matching_prefix"]},
+    )
+
+
+@dg.asset_check(asset=ggml_quantized, partitions_def=quant_partitions, description="Loads in llm-rs and generates tokens.")
+def ggml_quantized_generates(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    return _generates(storage.layout.ggml_quantized(context.partition_key))
+
+
+@dg.asset_check(
+    asset=ggml_quantized,
+    partitions_def=quant_partitions,
+    description="Perplexity within the type's bound of f16's (3× the published llama.cpp cost + 2 %).",
+)
+def ggml_quantized_perplexity_bound(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    quant = QuantType[context.partition_key]
+    layout = storage.layout
+    quantized = json.loads(evaluation_path(layout.ggml_quantized(quant.name)).read_text())
+    f16 = json.loads(evaluation_path(layout.ggml_f16).read_text())
+    delta = quantized["perplexity"] / f16["perplexity"] - 1
+    return dg.AssetCheckResult(
+        passed=delta <= quant.max_ppl_increase,
+        metadata={"perplexity_delta": delta, "bound": quant.max_ppl_increase, "kl_to_f16": quantized["kl_to_f16"]},
+    )
+
+
+export_checks = [
+    ggml_f16_generates,
+    ggml_f16_matches_merged_model,
+    ggml_quantized_generates,
+    ggml_quantized_perplexity_bound,
+]

@@ -19,7 +19,7 @@ ExportRunConfig = settings.launchpad_config("ExportRunConfig", settings.active_p
 quant_partitions = dg.StaticPartitionsDefinition([q.name for q in QuantType])
 
 
-def _evaluation_path(ggml_path: Path) -> Path:
+def evaluation_path(ggml_path: Path) -> Path:
     """Each file's numbers sit beside it, so the f16 table and the quant deltas can read them."""
     return ggml_path.with_suffix(".eval.json")
 
@@ -27,8 +27,8 @@ def _evaluation_path(ggml_path: Path) -> Path:
 def _evaluate(path: Path, storage: StorageResource, export: ExportConfig) -> dict:
     layout = storage.layout
     val_chats = list(read_jsonl(layout.chat_set / "val.jsonl"))
-    numbers = evaluate.evaluate_ggml_file(path, layout.merged_model, val_chats, export)
-    with atomic_file(_evaluation_path(path)) as tmp:
+    numbers = evaluate.evaluate_ggml_file(path, layout.merged_model, val_chats, export, f16_path=layout.ggml_f16)
+    with atomic_file(evaluation_path(path)) as tmp:
         tmp.write_text(json.dumps(numbers, ensure_ascii=False, indent=2))
     return numbers
 
@@ -38,7 +38,7 @@ def _quant_table(storage: StorageResource) -> dg.MetadataValue:
     layout = storage.layout
     rows = []
     for name, path in [("F16", layout.ggml_f16)] + [(q.name, layout.ggml_quantized(q.name)) for q in QuantType]:
-        eval_path = _evaluation_path(path)
+        eval_path = evaluation_path(path)
         if path.exists() and eval_path.exists():
             numbers = json.loads(eval_path.read_text())
             rows.append(
@@ -49,6 +49,7 @@ def _quant_table(storage: StorageResource) -> dg.MetadataValue:
                         "bits_per_weight": round(numbers["bits_per_weight"], 2),
                         "tokens_per_s": round(numbers["generation_tokens_per_s"], 1),
                         "perplexity": round(numbers["perplexity"], 4),
+                        "kl_to_f16": round(numbers.get("kl_to_f16", 0.0), 6),
                     }
                 )
             )
@@ -61,6 +62,7 @@ def _quant_table(storage: StorageResource) -> dg.MetadataValue:
                 dg.TableColumn("bits_per_weight", "float"),
                 dg.TableColumn("tokens_per_s", "float"),
                 dg.TableColumn("perplexity", "float"),
+                dg.TableColumn("kl_to_f16", "float"),
             ]
         ),
     )
@@ -131,7 +133,7 @@ def ggml_quantized(
     path = layout.ggml_quantized(quant.name)
     report = quantize_ggml(layout.ggml_f16, quant, path)
     numbers = _evaluate(path, storage, export)
-    f16 = json.loads(_evaluation_path(layout.ggml_f16).read_text())
+    f16 = json.loads(evaluation_path(layout.ggml_f16).read_text())
     delta = numbers["perplexity"] / f16["perplexity"] - 1
     context.log.info(f"{quant.name}: {report.size_bytes / 2**20:.1f} MiB, perplexity {delta:+.2%} vs f16")
     # The f16 asset's table gains this row: record it there as an observation.
@@ -140,6 +142,7 @@ def ggml_quantized(
         metadata={
             **_file_metadata(path, numbers),
             "ratio_to_f16": report.ratio_to_f16,
+            "kl_to_f16": numbers["kl_to_f16"],
             "quantize_time_s": report.wall_time_s,
             "perplexity_f16": f16["perplexity"],
             "perplexity_delta": delta,

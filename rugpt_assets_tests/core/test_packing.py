@@ -1,7 +1,9 @@
-"""Packed rows give exactly the loss and LoRA gradients of the same chats run one by one."""
+"""Packed rows give exactly the loss and LoRA gradients of the same chats run one by one, under
+every attention implementation and with compiled blocks."""
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import get_peft_model
 
@@ -9,7 +11,7 @@ from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, TrainConfig
 from rugpt_assets.core.demo_model import DemoModelSpec, build_demo_model
 from rugpt_assets.core.packing import TokenizedChat, collate, pack
-from rugpt_assets.core.train import Runtime, lora_config, loss_sum, trainable
+from rugpt_assets.core.train import Runtime, compile_blocks, lora_config, loss_sum, trainable
 
 CHATS = [
     [{"role": "user", "content": "Привет!"}, {"role": "bot", "content": "Здравствуйте! Чем помочь?"}],
@@ -60,6 +62,8 @@ def test_collate_restarts_positions_and_never_targets_across_chats():
     no = IGNORE_INDEX  # a chat's last token predicts nothing: not the next chat's <s>, not padding
     assert batch.targets.tolist() == [[no, 11, 3, no, 20, 3, no], [30, 31, 32, 3, no, no, no]]
     assert (batch.n_tokens, batch.n_targets) == (12, 8) == (12, a.n_targets + b.n_targets + c.n_targets)
+    # Segments of the flattened batch: a, b | c, padding.
+    assert batch.cu_seq_lens.tolist() == [0, 4, 7, 12, 14] and batch.cu_seq_lens.dtype == torch.int32
 
 
 def lora_model(base_dir, attn_implementation):
@@ -107,3 +111,37 @@ def test_packed_batch_matches_chats_one_by_one(demo, attn_implementation):
     leaky.position_ids.copy_(torch.arange(leaky.input_ids.shape[1]).expand_as(leaky.position_ids))
     loss_leaky, _ = loss_and_grads(model, [leaky], n_targets)
     assert abs(loss_leaky - loss_single) > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="packed_varlen runs on CUDA only")
+def test_packed_varlen_matches_sdpa_on_packed_rows(demo):
+    base_dir, tokenizer, chats = demo
+    rt = Runtime(torch.device("cuda"), torch.bfloat16)
+    rows = [[chats[i] for i in row] for row in pack([len(c) for c in chats], PACK_TOKENS)]
+    batch = collate(rows, tokenizer.eos_token_id).to(rt.device)
+    results = {}
+    for attn in ("sdpa", "packed_varlen"):
+        model = lora_model(base_dir, attn).to(rt.device)
+        model.zero_grad()
+        loss = loss_sum(model, batch, rt) / batch.n_targets
+        loss.backward()
+        results[attn] = loss.item(), {n: p.grad.clone() for n, p in trainable(model).items()}
+    (loss_sdpa, grads_sdpa), (loss_varlen, grads_varlen) = results["sdpa"], results["packed_varlen"]
+    assert abs(loss_varlen - loss_sdpa) <= 1e-2 * abs(loss_sdpa)  # bf16 kernels, different summation order
+    for name, grad in grads_sdpa.items():
+        assert rel_err(grads_varlen[name], grad) <= 5e-2, name
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients(demo):
+    base_dir, tokenizer, chats = demo
+    rows = [[chats[i] for i in row] for row in pack([len(c) for c in chats], PACK_TOKENS)]
+    batch = collate(rows, tokenizer.eos_token_id)
+    model = lora_model(base_dir, "sdpa")
+    loss_eager, grads_eager = loss_and_grads(model, [batch], batch.n_targets)
+    graphs = counters["stats"]["unique_graphs"]
+    compile_blocks(model)
+    loss_compiled, grads_compiled = loss_and_grads(model, [batch], batch.n_targets)
+    assert counters["stats"]["unique_graphs"] > graphs  # it really ran compiled
+    assert abs(loss_compiled - loss_eager) <= 1e-5 * abs(loss_eager)
+    for name, grad in grads_eager.items():
+        assert rel_err(grads_compiled[name], grad) <= 1e-5, name

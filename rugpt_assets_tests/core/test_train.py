@@ -200,6 +200,8 @@ def test_ddp_on_two_cpu_processes_equals_one_process(inputs, tmp_path):
         ({"load_in_4bit": True}, "load_in_4bit=true needs a CUDA GPU"),
         ({"precision": "fp16"}, "precision='fp16' needs a CUDA GPU"),
         ({"precision": "half"}, "precision='half': use 'auto', 'bf16', 'fp16' or 'fp32'"),
+        ({"attn_implementation": "packed_varlen"}, "'packed_varlen' needs a CUDA GPU and precision bf16 or fp16"),
+        ({"attn_implementation": "flash"}, r"attn_implementation='flash': use one of \('sdpa'"),
         ({"gradient_accumulation_steps": 1000}, "train.jsonl has 200 usable chats, fewer than one optimizer step's 2000"),
         ({"max_tokens_count": 4}, "no chat has a bot message within max_tokens_count=4"),
     ],

@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -45,6 +47,15 @@ class DagsterDev:
 
     def log_tail(self, n: int = 80) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_until(self, check: Callable[[], T | None], what: str, timeout_s: float, poll_s: float = 3) -> T:
+        """Poll `check` until it returns something truthy; fail naming `what`, with the server log."""
+        deadline = time.monotonic() + timeout_s
+        while not (result := check()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{self.log_tail()}")
+            time.sleep(poll_s)
+        return result
 
 
 def _start_new_session_with_default_signals() -> None:
