@@ -19,7 +19,8 @@ or fails prints that and the rest go on; results are written after every variant
 ``--cli-proof DIR`` instead proves the CLI trainer end to end on the device: it writes a base
 model (ruGPT-3.5's width and vocabulary, ``--layers`` layers, a tokenizer trained on the bundled
 samples), chat files and job files, runs ``python -m rugpt_assets.core.train --config`` on them
-(bf16, and 8-bit when bitsandbytes is installed) and prints each run's metrics.json figures.
+(bf16 with compile_blocks, and 8-bit when bitsandbytes is installed) and prints each run's
+metrics.json figures.
 """
 
 from __future__ import annotations

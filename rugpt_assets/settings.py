@@ -87,7 +87,20 @@ def rugpt35_profile() -> Profile:
         sources_dir=_sources_dir(),
         base_model_repo=os.environ.get("RUGPT_BASE_MODEL_REPO", RUGPT35_REPO),
         base_model_revision=os.environ.get("RUGPT_BASE_MODEL_REVISION", "main"),
-        train=replace(TrainConfig(), device="cuda"),
+        # The fast path measured on one H200 (docs/PERFORMANCE.md): bf16 base, packed rows with
+        # per-chat varlen attention, compiled blocks, no checkpointing; 4 × 64 rows keeps the
+        # seed's 256 chats per optimizer step. On a 24 GB card set load_in_8bit (or
+        # load_in_4bit) and gradient_checkpointing back on in the launchpad.
+        train=replace(
+            TrainConfig(),
+            device="cuda",
+            load_in_8bit=False,
+            gradient_checkpointing=False,
+            per_device_batch_size=4,
+            gradient_accumulation_steps=64,
+            attn_implementation="packed_varlen",
+            compile_blocks=True,
+        ),
     )
 
 

@@ -155,7 +155,7 @@ def packed_varlen_attention(
     has a backward; unlike ``torch.nn.attention.varlen`` it takes attention dropout.
     """
     if cu_seq_lens_q is None:
-        raise ValueError("packed_varlen attention needs the chat boundaries: pass **batch.attention_kwargs() to the model")
+        raise ValueError("packed_varlen needs the chat boundaries: pass **batch.attention_kwargs() to the model")
     rows, heads, length, dim = query.shape
     device = query.device.type
     # Autocast lowers SDPA's inputs; this op is not on its lists, so lower them here.

@@ -71,7 +71,7 @@ def test_bad_substring_rule_on_rulms_list():
     assert not bad("Столица Франции — Париж.")
 
 
-def test_bad_substrings_trie_answers_like_a_scan_per_phrase():
+def test_bad_substrings_match_anywhere_in_lower_cased_text():
     bad = cr.BadSubstrings(["ab", "abc", "b d", "x.y"])
     assert [bad(t) for t in ["zzab", "AB", "a b", "b  d", "b d", "xzy", "X.Y", ""]] == [
         True, True, False, False, True, False, True, False,

@@ -50,3 +50,11 @@ def fresh_home(trained_home, tmp_path) -> Path:
     home = tmp_path / "home"
     shutil.copytree(trained_home, home)
     return home
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test (`item.report_call`), so a fixture can tell it failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -111,15 +111,13 @@ def test_edited_source_rematerializes_chat_set_by_itself(fresh_home, tmp_path):
     source_key = ["hf", EDITED.name]
     started = time.time()
     with dagster_dev(fresh_home, env) as server:
-        trained_version = data_version(asset_events(server, *source_key)["assetObservations"][-1])  # oldest first
+        trained_version = data_version(asset_events(server, *source_key)["assetObservations"][-1])  # the oldest
 
         # Settled: the schedule observes the copy (same content, same data version), the run ends,
         # and a later sensor tick requests nothing.
         def scheduled_observation():
-            return next(
-                (o for o in asset_events(server, *source_key)["assetObservations"] if float(o["timestamp"]) / 1000 > started),
-                None,
-            )
+            observations = asset_events(server, *source_key)["assetObservations"]
+            return next((o for o in observations if float(o["timestamp"]) / 1000 > started), None)
 
         observation = server.wait_until(scheduled_observation, "a scheduled observation", timeout_s=150)
         assert data_version(observation) == trained_version
@@ -129,7 +127,8 @@ def test_edited_source_rematerializes_chat_set_by_itself(fresh_home, tmp_path):
         )
 
         def ticks_after_observation():
-            return [t for t in sensor_ticks(server) if t["timestamp"] > observe_run["endTime"] and t["status"] != "STARTED"]
+            ended = observe_run["endTime"]
+            return [t for t in sensor_ticks(server) if t["timestamp"] > ended and t["status"] != "STARTED"]
 
         quiet_ticks = server.wait_until(ticks_after_observation, "a sensor tick after the observation", timeout_s=90)
         assert [t["requestedAssetMaterializationCount"] for t in quiet_ticks] == [0] * len(quiet_ticks)
