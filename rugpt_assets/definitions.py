@@ -28,9 +28,6 @@ observe_sources_job = dg.define_asset_job(
     "observe_sources",
     selection=dg.AssetSelection.keys(*(s.key for s in observed_sources)),
     description="Record each source dataset's current revision (hub) or content hash (local).",
-    # Seven hash/revision look-ups take a second; a process per step (importing the whole code
-    # location each) took minutes on a small box and let scheduled runs pile up.
-    executor_def=dg.in_process_executor,
 )
 observe_sources_schedule = dg.ScheduleDefinition(
     job=observe_sources_job,
@@ -64,4 +61,8 @@ defs = dg.Definitions(
     schedules=[observe_sources_schedule],
     sensors=[automation_sensor],
     resources=resources_for(PROFILE),
+    # One process per run, not per step: each step process imports torch and the whole code
+    # location (tens of seconds on a small box), while the steps themselves are sequential
+    # anyway (pool slots) or trivial. Heavy work already runs in its own process (Pipes).
+    executor=dg.in_process_executor,
 )

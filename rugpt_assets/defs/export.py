@@ -92,7 +92,9 @@ def _file_metadata(path: Path, numbers: dict) -> dict:
     description=(
         "The merged model as an f16 GGML file in llm-rs's container (with its `.meta` sidecar), "
         "streamed tensor by tensor, vocabulary stored as the tokenizer's bytes. "
-        "File: `<storage>/ggml/model-f16.bin`."
+        "File: `<storage>/ggml/model-f16.bin`. Metadata `quantizations` compares size, speed, "
+        "perplexity and KL to f16 of every GGML file; each quantization run records the updated "
+        "table as an observation of this asset (newest first under Events)."
     ),
 )
 def ggml_f16(
@@ -146,5 +148,6 @@ def ggml_quantized(
             "quantize_time_s": report.wall_time_s,
             "perplexity_f16": f16["perplexity"],
             "perplexity_delta": delta,
+            "quantizations": _quant_table(storage),
         }
     )

@@ -24,9 +24,12 @@ def observed_source(spec: sources.SourceSpec) -> dg.SourceAsset:
         group_name="sources",
         description=(
             f"`{spec.repo}` (split `{spec.split}`) as published. An observation records its data "
-            "version: the hub revision, or a hash of the local mirror's files."
+            "version: the hub revision, or a hash of the local mirror's file "
+            f"`<sources dir>/{spec.local_dirname}/{spec.split}.jsonl`."
         ),
         metadata={"repo": spec.repo, "split": spec.split},
+        # Observable sources take no `kinds=`; a kind is this tag.
+        tags={"dagster/kind/huggingface": ""},
     )
     def _observe(sources_resource: SourcesResource) -> dg.ObserveResult:
         version = sources_resource.data_version(spec)

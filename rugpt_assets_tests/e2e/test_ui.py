@@ -84,6 +84,10 @@ def launched_run_id(page) -> str:
     return view.get_attribute("href").removeprefix("/runs/")
 
 
+def graph_node(page, asset: str):
+    return page.locator("foreignObject").get_by_text(asset, exact=True)
+
+
 def open_run_page_and_wait(page, server: DagsterDev, run_id: str) -> None:
     status = wait_for_run(server, run_id)
     page.goto(f"{server.url}/runs/{run_id}")
@@ -98,12 +102,16 @@ def test_lora_adapter_page_shows_eval_loss_and_loss_curve(server, page):
     eval_loss_row = page.locator("tr", has=page.get_by_text("eval_loss", exact=True))
     shown = eval_loss_row.locator("td").last.inner_text()
     assert float(shown) == pytest.approx(metrics["eval_loss"])
+    if chromium_browser.updating_screenshots():
+        page.get_by_text("Metadata", exact=True).first.evaluate("heading => heading.scrollIntoView()")
+        chromium_browser.doc_screenshot(page, "lora_adapter_metadata")
 
     page.locator("tr", has=page.get_by_text("loss_curve", exact=True)).get_by_text("[Show Markdown]").click()
-    curve = page.get_by_role("dialog").locator("img[src^='data:image/png;base64,']")
+    dialog = page.get_by_role("dialog")
+    curve = dialog.locator("img[src^='data:image/png;base64,']")
     curve.wait_for()
     assert curve.evaluate("img => img.complete && img.naturalWidth > 0"), "the loss-curve PNG did not decode"
-    chromium_browser.doc_screenshot(page, "lora_adapter")
+    chromium_browser.doc_screenshot(dialog, "loss_curve")
 
 
 def test_materialize_one_quantization_partition(server, page):
@@ -137,7 +145,7 @@ def test_materialize_chat_set_from_the_asset_graph(server, page):
     before = materialization_run_ids(server, "chat_set")
     page.add_init_script(EXPANDED_GRAPH)
     page.goto(f"{server.url}/asset-groups")
-    page.get_by_text("chat_set", exact=True).click()
+    graph_node(page, "chat_set").click()
     page.get_by_role("link", name="View in Asset Catalog").click()
     page.wait_for_url(re.compile(r"/assets/chat_set(\?|$)"))
     page.get_by_role("button", name="materialization Materialize", exact=True).click()
@@ -154,10 +162,10 @@ def screenshot_whole_graph(page, server: DagsterDev) -> None:
     """The graph without the side panel, fitted to the window, one zoom step in (nodes show details)."""
     page.set_viewport_size({"width": 1800, "height": 950})
     page.goto(f"{server.url}/asset-groups")
-    page.get_by_text("chat_set", exact=True).wait_for()
+    graph_node(page, "chat_set").wait_for()
     page.locator("button:has([aria-label=panel_show_right])").click()  # hide the asset list
     page.mouse.dblclick(120, 920)  # double-click on empty canvas: zoom to fit
     page.locator("button:has([aria-label=zoom_in])").click()
-    page.wait_for_load_state("networkidle")
+    page.wait_for_function("() => !/Loading(\\.\\.\\.|…)|fetching statuses/.test(document.body.innerText)")
     page.wait_for_timeout(1500)  # the zoom animation
     chromium_browser.doc_screenshot(page, "asset_graph")
