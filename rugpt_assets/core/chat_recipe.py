@@ -201,8 +201,9 @@ def remove_near_duplicates(records, config: RecipeConfig, stats) -> list[dict]:
     the query on all values of some band. Here the buckets hold row numbers into one array of the
     kept hash values, so the candidates' Jaccard estimates (the share of equal hash values, as
     ``MinHash.jaccard``) come in one numpy step. At threshold 0.3 a query has hundreds of
-    candidates (~350 at full size): ``MinHashLSH.query`` and a ``jaccard`` call each took over a
-    minute there, this takes seconds. The tests check it against ``query`` + ``jaccard``.
+    candidates (~480 in the bench): with ``MinHashLSH.query`` and one ``jaccard`` call per
+    candidate this step took over a minute there, this way about ten seconds. The tests check it
+    against ``query`` + ``jaccard``.
     """
     threshold, num_perm = config.dedup_threshold, config.dedup_num_perm
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # used for its b, r only

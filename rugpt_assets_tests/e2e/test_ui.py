@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from rugpt_assets.core.artifacts import StorageLayout
 from rugpt_assets_tests.e2e import browser as chromium_browser
 from rugpt_assets_tests.e2e.conftest import home_env
 from rugpt_assets_tests.e2e.dagster_dev import DagsterDev, dagster_dev
@@ -35,8 +36,8 @@ localStorage.setItem('dagster-nav-collapsed', 'true');
 def server(trained_home, tmp_path_factory):
     home = tmp_path_factory.mktemp("ui") / "home"
     shutil.copytree(trained_home, home)
-    # However the calling environment sets it: re-materializing chat_set must not retrain
-    # (and re-export every quantization) while the other tests look at the graph.
+    # Pinned whatever the caller's environment says: re-materializing chat_set must not start
+    # a retraining (which would re-export every quantization) while the tests look.
     with dagster_dev(home, {**home_env(home), "RUGPT_MIN_RETRAIN_HOURS": "1000"}) as server:
         yield server
 
@@ -68,14 +69,21 @@ def run_status(server: DagsterDev, run_id: str) -> str:
 def wait_for_run(server: DagsterDev, run_id: str) -> str:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while (status := run_status(server, run_id)) not in {"SUCCESS", "FAILURE", "CANCELED"}:
-        assert time.monotonic() < deadline, f"run {run_id} still {status} after {RUN_TIMEOUT_S} s\n{server.log_tail()}"
+        assert time.monotonic() < deadline, f"run {run_id} {status} after {RUN_TIMEOUT_S} s\n{server.log_tail()}"
         time.sleep(2)
     return status
 
 
 def materialization_run_ids(server: DagsterDev, asset: str) -> list[str]:
-    query = "query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset { assetMaterializations { runId } } } }"
-    return [m["runId"] for m in server.graphql(query, {"path": [asset]})["assetOrError"]["assetMaterializations"]]
+    """Newest first."""
+    query = """query($path: [String!]!) {
+        assetOrError(assetKey: {path: $path}) { ... on Asset { assetMaterializations { runId } } } }"""
+    events = server.graphql(query, {"path": [asset]})["assetOrError"]["assetMaterializations"]
+    return [event["runId"] for event in events]
+
+
+def artifacts(server: DagsterDev) -> StorageLayout:
+    return StorageLayout(server.home / "storage" / "artifacts")  # RUGPT_STORAGE_DIR of dagster_dev
 
 
 def launched_run_id(page) -> str:
@@ -88,7 +96,8 @@ def graph_node(page, asset: str):
     return page.locator("foreignObject").get_by_text(asset, exact=True)
 
 
-def open_run_page_and_wait(page, server: DagsterDev, run_id: str) -> None:
+def assert_run_succeeds(page, server: DagsterDev, run_id: str) -> None:
+    """Waits for the run to end, then checks that its page says so too."""
     status = wait_for_run(server, run_id)
     page.goto(f"{server.url}/runs/{run_id}")
     assert status == "SUCCESS", f"run {run_id} ended {status}"
@@ -96,7 +105,7 @@ def open_run_page_and_wait(page, server: DagsterDev, run_id: str) -> None:
 
 
 def test_lora_adapter_page_shows_eval_loss_and_loss_curve(server, page):
-    metrics = json.loads((server.home / "storage/artifacts/lora_adapter/metrics.json").read_text())
+    metrics = json.loads((artifacts(server).lora_adapter / "metrics.json").read_text())
     page.goto(f"{server.url}/assets/lora_adapter")
 
     eval_loss_row = page.locator("tr", has=page.get_by_text("eval_loss", exact=True))
@@ -124,15 +133,15 @@ def test_materialize_one_quantization_partition(server, page):
     dialog.get_by_text("1 partition", exact=True).wait_for()
     chromium_browser.doc_screenshot(dialog, "partition_dialog")
     dialog.get_by_role("button", name="Launch 1 run").click()
-    open_run_page_and_wait(page, server, launched_run_id(page))
+    assert_run_succeeds(page, server, launched_run_id(page))
 
     query = """{ assetNodeOrError(assetKey: {path: ["ggml_quantized"]}) { ... on AssetNode {
-        assetPartitionStatuses { ... on DefaultPartitionStatuses { materializedPartitions materializingPartitions } } } } }"""
+        assetPartitionStatuses { ... on DefaultPartitionStatuses {
+            materializedPartitions materializingPartitions } } } } }"""
     statuses = server.graphql(query)["assetNodeOrError"]["assetPartitionStatuses"]
     assert set(statuses["materializedPartitions"]) == {"Q5_1"}
     assert statuses["materializingPartitions"] == []
-    ggml_dir = server.home / "storage/artifacts/ggml"
-    assert {q for q in QUANT_TYPES if (ggml_dir / f"model-{q.lower()}.bin").exists()} == {"Q5_1"}
+    assert {q for q in QUANT_TYPES if artifacts(server).ggml_quantized(q).exists()} == {"Q5_1"}
 
     # The f16 asset's newest event is the size/speed/perplexity table, now with a Q5_1 row.
     page.goto(f"{server.url}/assets/ggml_f16?view=events")
@@ -150,7 +159,7 @@ def test_materialize_chat_set_from_the_asset_graph(server, page):
     page.wait_for_url(re.compile(r"/assets/chat_set(\?|$)"))
     page.get_by_role("button", name="materialization Materialize", exact=True).click()
     run_id = launched_run_id(page)
-    open_run_page_and_wait(page, server, run_id)
+    assert_run_succeeds(page, server, run_id)
 
     after = materialization_run_ids(server, "chat_set")
     assert len(after) == len(before) + 1 and after[0] == run_id
