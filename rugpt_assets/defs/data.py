@@ -9,7 +9,7 @@ from rugpt_assets.core import chat_recipe, sources
 from rugpt_assets.core.artifacts import atomic_dir
 from rugpt_assets.core.configs import RecipeConfig
 from rugpt_assets.defs.automation import retrain_condition
-from rugpt_assets.defs.resources import StorageResource
+from rugpt_assets.defs.resources import StorageResource, metadata_table
 
 RecipeRunConfig = settings.launchpad_config("RecipeRunConfig", settings.active_profile().recipe)
 
@@ -28,20 +28,8 @@ def _chat_preview(records: list[dict], limit: int = 3, width: int = 300) -> str:
 
 
 def _counts_table(summary: dict) -> dg.MetadataValue:
-    by_source = summary["by_source"]
-    return dg.MetadataValue.table(
-        records=[
-            dg.TableRecord({"source": s, "train": c.get("train", 0), "val": c.get("val", 0)})
-            for s, c in sorted(by_source.items())
-        ],
-        schema=dg.TableSchema(
-            columns=[
-                dg.TableColumn("source", "string"),
-                dg.TableColumn("train", "int"),
-                dg.TableColumn("val", "int"),
-            ]
-        ),
-    )
+    rows = [{"source": s, **counts} for s, counts in sorted(summary["by_source"].items())]
+    return metadata_table(rows, ["source", "train", "val"])
 
 
 @dg.asset(

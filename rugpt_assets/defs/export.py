@@ -12,7 +12,7 @@ from rugpt_assets.core.configs import ExportConfig
 from rugpt_assets.core.quantize import QuantType, quantize_ggml
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.model import merged_model
-from rugpt_assets.defs.resources import StorageResource
+from rugpt_assets.defs.resources import StorageResource, metadata_table
 
 ExportRunConfig = settings.launchpad_config("ExportRunConfig", settings.active_profile().export)
 
@@ -42,30 +42,16 @@ def _quant_table(storage: StorageResource) -> dg.MetadataValue:
         if path.exists() and eval_path.exists():
             numbers = json.loads(eval_path.read_text())
             rows.append(
-                dg.TableRecord(
-                    {
-                        "type": name,
-                        "size_mb": round(numbers["size_bytes"] / 2**20, 2),
-                        "bits_per_weight": round(numbers["bits_per_weight"], 2),
-                        "tokens_per_s": round(numbers["generation_tokens_per_s"], 1),
-                        "perplexity": round(numbers["perplexity"], 4),
-                        "kl_to_f16": round(numbers.get("kl_to_f16", 0.0), 6),
-                    }
-                )
+                {
+                    "type": name,
+                    "size_mb": round(numbers["size_bytes"] / 2**20, 2),
+                    "bits_per_weight": round(numbers["bits_per_weight"], 2),
+                    "tokens_per_s": round(numbers["generation_tokens_per_s"], 1),
+                    "perplexity": round(numbers["perplexity"], 4),
+                    "kl_to_f16": round(numbers.get("kl_to_f16", 0.0), 6),
+                }
             )
-    return dg.MetadataValue.table(
-        records=rows,
-        schema=dg.TableSchema(
-            columns=[
-                dg.TableColumn("type", "string"),
-                dg.TableColumn("size_mb", "float"),
-                dg.TableColumn("bits_per_weight", "float"),
-                dg.TableColumn("tokens_per_s", "float"),
-                dg.TableColumn("perplexity", "float"),
-                dg.TableColumn("kl_to_f16", "float"),
-            ]
-        ),
-    )
+    return metadata_table(rows, ["type", "size_mb", "bits_per_weight", "tokens_per_s", "perplexity", "kl_to_f16"])
 
 
 def _file_metadata(path: Path, numbers: dict) -> dict:
