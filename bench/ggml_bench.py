@@ -38,7 +38,7 @@ def build(work: Path, n_embd: int, n_layer: int, n_head: int, vocab: int, n_posi
     from safetensors.numpy import save_file
     from transformers import GPT2Config
 
-    from rugpt_assets.core.demo_model import train_tokenizer
+    from rugpt_assets.core.demo_model import gpt2_weight_shapes, train_tokenizer
 
     out = work / "model"
     out.mkdir(parents=True)
@@ -46,17 +46,9 @@ def build(work: Path, n_embd: int, n_layer: int, n_head: int, vocab: int, n_posi
     train_tokenizer(texts, 1024).save_pretrained(out)
     GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head, vocab_size=vocab, n_positions=n_positions,
                bos_token_id=2, eos_token_id=3, pad_token_id=0, architectures=["GPT2LMHeadModel"]).save_pretrained(out)  # fmt: skip
-    e, rng = n_embd, np.random.default_rng(0)
-    block = {
-        "ln_1.weight": (e,), "ln_1.bias": (e,), "attn.c_attn.weight": (e, 3 * e), "attn.c_attn.bias": (3 * e,),
-        "attn.c_proj.weight": (e, e), "attn.c_proj.bias": (e,), "ln_2.weight": (e,), "ln_2.bias": (e,),
-        "mlp.c_fc.weight": (e, 4 * e), "mlp.c_fc.bias": (4 * e,), "mlp.c_proj.weight": (4 * e, e),
-        "mlp.c_proj.bias": (e,),
-    }  # fmt: skip
-    shards = [{"transformer.wte.weight": (vocab, e), "transformer.wpe.weight": (n_positions, e)}, {}]
-    for i in range(n_layer):
-        shards[i * 2 // n_layer] |= {f"transformer.h.{i}.{k}": s for k, s in block.items()}
-    shards[1] |= {"transformer.ln_f.weight": (e,), "transformer.ln_f.bias": (e,)}
+    rng = np.random.default_rng(0)
+    items = list(gpt2_weight_shapes(n_embd, n_layer, vocab, n_positions).items())
+    shards = [dict(items[: len(items) // 2]), dict(items[len(items) // 2 :])]  # two shards, in checkpoint order
     weight_map = {}
     for n, shapes in enumerate(shards, 1):
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"

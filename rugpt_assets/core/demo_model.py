@@ -153,6 +153,22 @@ def build_demo_model(texts: Iterable[str], out_dir: Path, spec: DemoModelSpec = 
     }
 
 
+def gpt2_weight_shapes(n_embd: int, n_layer: int, vocab_size: int, n_positions: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a GPT-2 checkpoint's tensors as stored (Conv1D weights are in × out),
+    in checkpoint order: for writing random models of any size straight to safetensors."""
+    e = n_embd
+    block = {
+        "ln_1.weight": (e,), "ln_1.bias": (e,), "attn.c_attn.weight": (e, 3 * e), "attn.c_attn.bias": (3 * e,),
+        "attn.c_proj.weight": (e, e), "attn.c_proj.bias": (e,), "ln_2.weight": (e,), "ln_2.bias": (e,),
+        "mlp.c_fc.weight": (e, 4 * e), "mlp.c_fc.bias": (4 * e,), "mlp.c_proj.weight": (4 * e, e),
+        "mlp.c_proj.bias": (e,),
+    }  # fmt: skip
+    shapes = {"transformer.wte.weight": (vocab_size, e), "transformer.wpe.weight": (n_positions, e)}
+    for i in range(n_layer):
+        shapes |= {f"transformer.h.{i}.{k}": s for k, s in block.items()}
+    return shapes | {"transformer.ln_f.weight": (e,), "transformer.ln_f.bias": (e,)}
+
+
 def write_generation_config(model_dir: Path, generation: GenerationConfig = GenerationConfig()) -> None:
     """The seed's generation defaults with ruGPT-3.5's special ids (DESIGN §4)."""
     values = {

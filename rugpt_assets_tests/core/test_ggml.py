@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from rugpt_assets.core import evaluate, ggml
 from rugpt_assets.core.chat_template import render_message, render_prompt, with_system_prompt
-from rugpt_assets.core.demo_model import DemoModelSpec, build_demo_model
+from rugpt_assets.core.demo_model import DemoModelSpec, build_demo_model, gpt2_weight_shapes
 
 PAIRS = [
     ("Привет! Как дела?", "Всё хорошо, спасибо. А у тебя?"),
@@ -74,17 +74,7 @@ def random_gpt2(out: Path, tokenizer_dir: Path, n_embd: int, n_layer: int, vocab
     config = json.loads((tokenizer_dir / "config.json").read_text())
     config.update(n_embd=n_embd, n_layer=n_layer, n_head=8, vocab_size=vocab_size, n_positions=256)
     (out / "config.json").write_text(json.dumps(config))
-    e = n_embd
-    shapes = {"transformer.wte.weight": (vocab_size, e), "transformer.wpe.weight": (256, e)}
-    shapes |= {"transformer.ln_f.weight": (e,), "transformer.ln_f.bias": (e,)}
-    block = {
-        "ln_1.weight": (e,), "ln_1.bias": (e,), "attn.c_attn.weight": (e, 3 * e), "attn.c_attn.bias": (3 * e,),
-        "attn.c_proj.weight": (e, e), "attn.c_proj.bias": (e,), "ln_2.weight": (e,), "ln_2.bias": (e,),
-        "mlp.c_fc.weight": (e, 4 * e), "mlp.c_fc.bias": (4 * e,), "mlp.c_proj.weight": (4 * e, e),
-        "mlp.c_proj.bias": (e,),
-    }  # fmt: skip
-    for i in range(n_layer):
-        shapes |= {f"transformer.h.{i}.{k}": s for k, s in block.items()}
+    shapes = gpt2_weight_shapes(n_embd, n_layer, vocab_size, n_positions=256)
     rng = np.random.default_rng(0)
     tensors = {k: rng.standard_normal(s, dtype=np.float32) * 0.02 for k, s in shapes.items()}
     save_file(tensors, out / "model.safetensors")
