@@ -18,6 +18,7 @@ from dagster_k8s.client import DagsterKubernetesClient
 from dagster_k8s.pipes import build_pod_body
 
 from rugpt_assets.launchers import GPU_POD, GPU_POD_SPEC, LAUNCHER_TAG
+from rugpt_assets_tests.defs.stand_ins import STAND_IN_DEFS
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 IMAGE = "registry.example/rugpt-assets:test"
@@ -95,16 +96,6 @@ def kubeconfig(tmp_path):
     return str(path)
 
 
-@dg.asset(pool="cpu")
-def chat_set() -> int:
-    return 1
-
-
-@dg.asset(pool="gpu")
-def lora_adapter(chat_set: int) -> int:
-    return chat_set + 1
-
-
 def launch_on_k8s(kubeconfig: str, monkeypatch, asset: str):
     """Launch a one-asset run through the deployment's routing launcher; return (side, V1Job)."""
     created = []
@@ -118,7 +109,7 @@ def launch_on_k8s(kubeconfig: str, monkeypatch, asset: str):
         k8s_config = launcher["config"][side]["config"]
         k8s_config |= {"load_incluster_config": False, "kubeconfig_file": kubeconfig}
 
-    job = dg.Definitions(assets=[chat_set, lora_adapter]).resolve_implicit_global_asset_job_def()
+    job = STAND_IN_DEFS.resolve_implicit_global_asset_job_def()
     code_origin = JobPythonOrigin(
         job.name,
         RepositoryPythonOrigin(

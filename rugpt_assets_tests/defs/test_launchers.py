@@ -26,6 +26,7 @@ from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
 from rugpt_assets.launchers import LAUNCHER_TAG, RoutingRunLauncher
+from rugpt_assets_tests.defs.stand_ins import STAND_IN_DEFS
 
 PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[2] / "dagster.yaml"
 
@@ -74,18 +75,7 @@ class RecordingLauncher(RunLauncher, ConfigurableClass):
 RECORDING = {"module": __name__, "class": "RecordingLauncher"}
 
 
-@dg.asset(pool="cpu")
-def chat_set() -> int:
-    return 1
-
-
-@dg.asset(pool="gpu")
-def lora_adapter(chat_set: int) -> int:
-    return chat_set + 1
-
-
-DEFS = dg.Definitions(assets=[chat_set, lora_adapter])
-ASSET_JOB = DEFS.resolve_implicit_global_asset_job_def()
+ASSET_JOB = STAND_IN_DEFS.resolve_implicit_global_asset_job_def()
 # Queued runs must say where they come from; the daemon never loads this location here.
 JOB_ORIGIN = RemoteRepositoryOrigin(
     RegisteredCodeLocationOrigin("rugpt_assets"), "__repository__"
