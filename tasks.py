@@ -67,13 +67,26 @@ def demo() -> int:
     host, port = env.get("RUGPT_HOST", "127.0.0.1"), env.get("RUGPT_PORT", "3000")
     log(f"serving the Dagster UI (and the daemon) at http://{host}:{port} — Ctrl+C stops it")
     server = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-h", host, "-p", port, "-m", "rugpt_assets.definitions"], cwd=ROOT, env=env
+        [str(BIN / "dagster"), "dev", "-h", host, "-p", port, "-m", "rugpt_assets.definitions"],
+        cwd=ROOT,
+        env=env,
+        # A shell may start background jobs with SIGINT ignored; the server must still stop on it.
+        preexec_fn=restore_default_signals if os.name == "posix" else None,
     )
     try:
         return server.wait()
     except KeyboardInterrupt:
-        server.send_signal(signal.SIGINT)
-        return server.wait()
+        # Ctrl+C in a terminal reaches the server too: give it time to shut down cleanly.
+        try:
+            return server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.terminate()
+            return server.wait()
+
+
+def restore_default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test() -> int:

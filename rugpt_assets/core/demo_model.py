@@ -136,7 +136,8 @@ def build_demo_model(texts: Iterable[str], out_dir: Path, spec: DemoModelSpec = 
         model = GPT2LMHeadModel(config)
         token_ids: list[int] = []
         for text in texts:
-            token_ids += [BOS_ID, *tokenizer.encode(text, add_special_tokens=False), EOS_ID]
+            # The backend tokenizer: same ids, without the max-length warning for long texts.
+            token_ids += [BOS_ID, *tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, EOS_ID]
         losses = _pretrain(model, token_ids, spec)
     finally:
         torch.set_num_threads(threads)
