@@ -31,10 +31,10 @@ class DemoModelSpec:
     n_layer: int = 2
     n_head: int = 4
     n_positions: int = 512
-    pretrain_steps: int = 200
+    pretrain_steps: int = 400
     pretrain_window: int = 128
     pretrain_batch: int = 8
-    pretrain_lr: float = 3e-3
+    pretrain_lr: float = 6e-3
     seed: int = 0
 
 
