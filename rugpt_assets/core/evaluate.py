@@ -134,7 +134,7 @@ def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=dtype).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    return model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
 @torch.inference_mode()
@@ -166,7 +166,7 @@ def greedy_agreement(ggml_path: Path, model_dir: Path, prompt: str, n: int, thre
     from transformers import AutoTokenizer
 
     hf_ids = greedy_tokens_hf(model_dir, prompt, n)
-    expected = token_pieces(AutoTokenizer.from_pretrained(model_dir), hf_ids)
+    expected = token_pieces(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False), hf_ids)
     model, _ = load_llm_rs(ggml_path, threads)
     got = generate(model, prompt, n, stop_at_special=False).pieces
     matching = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
@@ -236,7 +236,7 @@ def evaluate_ggml_file(
     sample = generate(model, prompt, export.check_new_tokens)
     del model
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     chats = list(val_chats)[: export.eval_chats]
 
     def score(ggml_path: Path) -> Scored:

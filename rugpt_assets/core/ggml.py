@@ -259,7 +259,7 @@ def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
     config = json.loads((model_dir / "config.json").read_text())
     _check_config(model_dir, config)
     plan = _tensor_plan(model_dir, config)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     try:
         vocab = tokenizer_vocab_bytes(tokenizer, config["vocab_size"])
     except ValueError as exc:

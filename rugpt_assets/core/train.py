@@ -538,7 +538,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
     filler_id = tokenizer.eos_token_id
     train_chats, skipped = load_chats(job.train_path, tokenizer, cfg)
     val_chats = load_chats(job.val_path, tokenizer, cfg)[0][: cfg.max_eval_chats or None]
-    positions = AutoConfig.from_pretrained(job.base_model_dir).max_position_embeddings
+    positions = AutoConfig.from_pretrained(job.base_model_dir, trust_remote_code=False).max_position_embeddings
     if (longest := max(len(c) for c in train_chats + val_chats)) > positions:
         raise ValueError(f"chats reach {longest} tokens, past the model's {positions} positions: lower max_tokens_count")
     plan = DataPlan(train_chats, cfg.per_device_batch_size * cfg.gradient_accumulation_steps * rt.world_size, cfg.seed)
