@@ -53,7 +53,7 @@ def demo_export(tmp_path_factory) -> SimpleNamespace:
     if not (root / "ready").exists():
         chat_texts = (with_system_prompt(c["messages"]) for c in chats[:N_TRAIN])
         texts = ["".join(render_message(m["role"], m["content"]) for m in chat) for chat in chat_texts]
-        build_demo_model(texts, root / "model", DemoModelSpec(vocab_size=512, pretrain_steps=120))
+        build_demo_model(texts, root / "model", DemoModelSpec(vocab_size=512, pretrain_steps=120, pretrain_lr=3e-3))
         ggml.write_ggml_f16(root / "model", root / "ggml" / "model-f16.bin")
         (root / "ready").touch()
     return SimpleNamespace(
