@@ -76,7 +76,7 @@ def inputs(tmp_path_factory) -> Path:
     write_jsonl(root / "train.jsonl", train)
     write_jsonl(root / "val.jsonl", val)
     texts = [DEFAULT_SYSTEM_PROMPT] + [m["content"] for chat in train for m in chat["messages"]]
-    build_demo_model(texts, root / "base", DemoModelSpec(vocab_size=512, n_positions=128, pretrain_steps=20))
+    build_demo_model(texts, root / "base", DemoModelSpec(vocab_size=512, n_positions=128, pretrain_steps=20, pretrain_lr=3e-3))
     return root
 
 
