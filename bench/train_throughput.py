@@ -12,9 +12,18 @@ then timed steps (each `--micro-batches` micro-batches, synchronized). Reported:
 §7), peak allocated memory, speed-up against the seed shape. A variant that runs out of memory
 or fails prints that and the rest go on; results are written after every variant.
 
+The ``_8bit`` and ``_4bit`` (nf4) variants answer how the recipe runs on a 24 GB card. They need
+bitsandbytes and a checkpoint on disk: the same random model is written once as bf16
+safetensors (with a tokenizer) to a temporary folder and loaded through the trainer's own
+`train.load_lora_model`, quantized as TrainConfig ``load_in_8bit`` / ``load_in_4bit`` ask.
+Consecutive variants of one base share one load. The folder (26 GB at full size) is deleted at
+the end.
+
     python bench/train_throughput.py --out /tmp/bench                      # the H200 table
     python bench/train_throughput.py --device cpu --n-embd 256 --layers 2 --vocab 1000 \\
         --variants seed,packed_sdpa_b2 --out /tmp/bench                    # a smoke run
+    python bench/train_throughput.py --no-check --steps 2 --out /tmp/bench \\
+        --variants seed_8bit,packed_varlen_b4_ckpt_8bit,seed_4bit,packed_varlen_b4_ckpt_4bit
 
 ``--cli-proof DIR`` instead proves the CLI trainer end to end on the device: it writes a base
 model (ruGPT-3.5's width and vocabulary, ``--layers`` layers, a tokenizer trained on the bundled
@@ -33,6 +42,7 @@ import platform
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -51,6 +61,7 @@ from rugpt_assets.core.train import (
     Runtime,
     add_lora,
     compile_blocks,
+    load_lora_model,
     loss_sum,
     rank_batches,
     train_step,
@@ -71,6 +82,7 @@ class Variant:
     attn: str = "sdpa"
     attention_dropout: bool = True  # False: attention-probability dropout off (other dropouts stay)
     compile_blocks: bool = False  # torch.compile each transformer block (regional compilation)
+    quantized: str = ""  # "8bit" | "4bit" (nf4): the base loaded from disk through bitsandbytes
 
 
 VARIANTS = {
@@ -87,6 +99,11 @@ VARIANTS = {
         Variant("packed_varlen_b4_compiled", True, 4, False, "packed_varlen", compile_blocks=True),
         Variant("packed_varlen_b8_compiled", True, 8, False, "packed_varlen", compile_blocks=True),
         Variant("packed_varlen_b4_compiled_no_attn_dropout", True, 4, False, "packed_varlen", False, True),
+        # Quantized bases: the seed shape, and packing with checkpointing (eager batch 4 does not fit).
+        Variant("seed_8bit", packing=False, batch=2, checkpointing=True, quantized="8bit"),
+        Variant("seed_4bit", packing=False, batch=2, checkpointing=True, quantized="4bit"),
+        Variant("packed_varlen_b4_ckpt_8bit", True, 4, True, "packed_varlen", quantized="8bit"),
+        Variant("packed_varlen_b4_ckpt_4bit", True, 4, True, "packed_varlen", quantized="4bit"),
     ]
 }
 DEFAULT_VARIANTS = (
@@ -119,17 +136,41 @@ def synthetic_chats(n: int, vocab: int, max_tokens: int, seed: int) -> list[Toke
     return chats
 
 
-def build_model(args, cfg: TrainConfig, device: torch.device):
-    """ruGPT-3.5's shape with random bf16 weights made on ``device`` (no CPU copy, no disk)."""
-    config = GPT2Config(
+def gpt2_config(args) -> GPT2Config:
+    return GPT2Config(
         n_embd=args.n_embd, n_layer=args.layers, n_head=args.n_head, vocab_size=args.vocab,
         n_positions=args.n_positions, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
     )  # fmt: skip
+
+
+def count_params(args) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(gpt2_config(args)).parameters())
+
+
+def random_base(args, device: torch.device):
+    """ruGPT-3.5's shape with random bf16 weights made on ``device`` (no CPU copy)."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    n_params = sum(p.numel() for p in model.parameters())
-    return add_lora(model, cfg), n_params
+        return AutoModelForCausalLM.from_config(gpt2_config(args), dtype=torch.bfloat16, attn_implementation="sdpa")
+
+
+def write_base(args, base_dir: Path, device: torch.device) -> None:
+    """A base model folder as the trainer reads it: bf16 safetensors and a tokenizer trained on
+    the bundled samples."""
+    model = random_base(args, device)
+    model.save_pretrained(base_dir, max_shard_size="5GB")
+    del model
+    free_memory(device)
+    train_tokenizer(list(sample_texts(SAMPLES)), 4096).save_pretrained(base_dir)
+
+
+def load_base(v: Variant, args, cfg: TrainConfig, rt: Runtime, base_dir: Path):
+    """The variant's base with the seed LoRA: built on the device, or quantized from ``base_dir``."""
+    if not v.quantized:
+        return add_lora(random_base(args, rt.device), cfg)
+    bits = replace(cfg, load_in_8bit=v.quantized == "8bit", load_in_4bit=v.quantized == "4bit")
+    return load_lora_model(base_dir, bits, rt)
 
 
 def set_variant(model, v: Variant) -> None:
@@ -181,15 +222,23 @@ def run_variant(model, v: Variant, chats, cfg: TrainConfig, rt: Runtime, args, f
             padded += sum(b.input_ids.numel() for b in batches)
     sync(rt)
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(rt.device) / 1e9 if rt.device.type == "cuda" else float("nan")
+    cuda = rt.device.type == "cuda"
     return {
         "tokens_per_s": tokens / seconds,
-        "peak_gb": peak,
+        "peak_gb": torch.cuda.max_memory_allocated(rt.device) / 1e9 if cuda else float("nan"),
+        # What the caching allocator held: the figure to hold against a 24 GB card.
+        "peak_reserved_gb": torch.cuda.max_memory_reserved(rt.device) / 1e9 if cuda else float("nan"),
         "timed_tokens": tokens,
         "pad_fraction": 1 - tokens / padded,
         "timed_s": seconds,
         "first_step_s": compile_s,
     }
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync(rt: Runtime) -> None:
@@ -241,7 +290,8 @@ def environment() -> dict:
 
 
 def throughput(args) -> None:
-    device = torch.device(args.device)
+    # A device with its index: bitsandbytes loads through device_map={"": device}.
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
     rt = Runtime(device, torch.bfloat16)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,36 +303,40 @@ def throughput(args) -> None:
     lengths = [len(c) for c in chats]
     print(f"{len(chats)} chats, mean {sum(lengths) / len(lengths):.0f} tokens, "
           f"targets {sum(c.n_targets for c in chats) / sum(lengths):.0%}", flush=True)  # fmt: skip
-    model, n_params = build_model(args, cfg, device)
-    print(f"model built in {time.perf_counter() - started:.0f} s: {n_params / 1e9:.3f}B parameters", flush=True)
+    n_params = count_params(args)
     flops_per_token = 4 * n_params
-    results = {"environment": env, "n_params": n_params, "args": vars(args), "variants": []}
-    if args.check and device.type == "cuda":
-        results["attention_check"] = attention_check(model, chats, EOS_ID, rt)
-        print("attention check (mean loss):", results["attention_check"], flush=True)
-    for name in args.variants.split(","):
-        v = VARIANTS[name]
-        left = args.time_budget_s - (time.perf_counter() - started)
-        need = 150 if v.compile_blocks and not getattr(model, "blocks_compiled", False) else 60
-        if left < need:
-            row = {"name": name, "error": f"skipped ({left:.0f} s of the time budget left)"}
-        else:
-            print(f"--- {name} ({left:.0f} s left)", flush=True)
-            try:
-                row = {"name": name, **run_variant(model, v, chats, cfg, rt, args, EOS_ID)}
-                row["mfu"] = row["tokens_per_s"] * flops_per_token / H200_BF16_FLOPS
-            except torch.OutOfMemoryError:
-                row = {"name": name, "error": f"OOM (at {torch.cuda.max_memory_allocated(device) / 1e9:.0f} GB)"}
-            except Exception as e:  # noqa: BLE001 - one broken variant must not hide the others
-                row = {"name": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-            for p in trainable(model).values():
-                p.grad = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        print(row, flush=True)
-        results["variants"].append(row)
-        (out / "train_throughput.json").write_text(json.dumps(results, indent=2))
+    results = {"environment": env, "n_params": n_params, "args": vars(args), "variants": [], "loads": []}
+    model, loaded = None, None  # the model in memory and the `quantized` value it was loaded for
+    with tempfile.TemporaryDirectory(prefix="train-throughput-") as scratch:
+        for name in args.variants.split(","):
+            v = VARIANTS[name]
+            left = args.time_budget_s - (time.perf_counter() - started)
+            need = 150 if v.compile_blocks and not getattr(model, "blocks_compiled", False) else 60
+            need += 90 if v.quantized and v.quantized != loaded else 0  # writing and quantizing the base
+            if left < need:
+                row = {"name": name, "error": f"skipped ({left:.0f} s of the time budget left)"}
+            else:
+                print(f"--- {name} ({left:.0f} s left)", flush=True)
+                try:
+                    if v.quantized != loaded:
+                        model, loaded = None, v.quantized  # a failed load is not retried by the next variant
+                        free_memory(device)
+                        model = loaded_model(v, args, cfg, rt, Path(scratch), chats, results, started)
+                    if model is None:
+                        raise RuntimeError(f"no {v.quantized or 'bf16'} model: its load failed above")
+                    row = {"name": name, **run_variant(model, v, chats, cfg, rt, args, EOS_ID)}
+                    row["mfu"] = row["tokens_per_s"] * flops_per_token / H200_BF16_FLOPS
+                except torch.OutOfMemoryError:
+                    row = {"name": name, "error": f"OOM (at {torch.cuda.max_memory_allocated(device) / 1e9:.0f} GB)"}
+                except Exception as e:  # noqa: BLE001 - one broken variant must not hide the others
+                    row = {"name": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+                if model is not None:
+                    for p in trainable(model).values():
+                        p.grad = None
+                free_memory(device)
+            print(row, flush=True)
+            results["variants"].append(row)
+            (out / "train_throughput.json").write_text(json.dumps(results, indent=2))
     if args.check and device.type == "cuda" and getattr(model, "blocks_compiled", False):
         results["attention_check_compiled"] = attention_check(model, chats, EOS_ID, rt)
         print("attention check, compiled blocks (mean loss):", results["attention_check_compiled"], flush=True)
@@ -295,21 +349,32 @@ def throughput(args) -> None:
     (out / "train_throughput.md").write_text(text + "\n")
 
 
+def loaded_model(v: Variant, args, cfg: TrainConfig, rt: Runtime, base_dir: Path, chats, results: dict, started: float):
+    """`load_base`, with the load's time and peak memory recorded (and the attention check after
+    building the bf16 model). The first quantized variant writes the base it loads."""
+    if v.quantized and not (base_dir / "config.json").exists():
+        t0 = time.perf_counter()
+        write_base(args, base_dir, rt.device)
+        print(f"base written in {time.perf_counter() - t0:.0f} s", flush=True)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    t0 = time.perf_counter()
+    model = load_base(v, args, cfg, rt, base_dir)
+    peak = torch.cuda.max_memory_allocated(rt.device) / 1e9 if rt.device.type == "cuda" else float("nan")
+    load = {"base": v.quantized or "bf16", "load_s": time.perf_counter() - t0, "peak_gb": peak}
+    print(f"model ready at {time.perf_counter() - started:.0f} s:", load, flush=True)
+    results["loads"].append(load)
+    if not v.quantized and args.check and rt.device.type == "cuda":
+        results["attention_check"] = attention_check(model, chats, EOS_ID, rt)
+        print("attention check (mean loss):", results["attention_check"], flush=True)
+    return model
+
+
 def cli_proof(args) -> None:
     """The CLI trainer on a ruGPT-3.5-wide model of ``--layers`` layers, bf16 (and 8-bit)."""
     work = Path(args.cli_proof)
     texts = list(sample_texts(SAMPLES))
-    tokenizer = train_tokenizer(texts, 4096)
-    config = GPT2Config(
-        n_embd=args.n_embd, n_layer=args.layers, n_head=args.n_head, vocab_size=args.vocab,
-        n_positions=args.n_positions, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(work / "base")
-    tokenizer.save_pretrained(work / "base")
-    del model
+    write_base(args, work / "base", torch.device(args.device))
     rng = random.Random(0)
     chats = []
     for _ in range(288):  # ~200–900 tokens each
