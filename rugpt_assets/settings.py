@@ -89,8 +89,9 @@ def rugpt35_profile() -> Profile:
         base_model_revision=os.environ.get("RUGPT_BASE_MODEL_REVISION", "main"),
         # The fast path measured on one H200 (docs/PERFORMANCE.md): bf16 base, packed rows with
         # per-chat varlen attention, compiled blocks, no checkpointing; 4 × 64 rows keeps the
-        # seed's 256 chats per optimizer step. On a 24 GB card set load_in_8bit (or
-        # load_in_4bit) and gradient_checkpointing back on in the launchpad.
+        # seed's 256 chats per optimizer step. On a 24 GB card set load_in_4bit,
+        # gradient_checkpointing on and compile_blocks off in the launchpad (11.7–21 GB measured;
+        # 8-bit needs more than 24 GB with today's bitsandbytes, see docs/PERFORMANCE.md).
         train=replace(
             TrainConfig(),
             device="cuda",
