@@ -1,15 +1,13 @@
 """Asset checks on the exported GGML files: they load and generate in llm-rs, f16 agrees with
 the merged HF model token for token, and each quantization stays within its perplexity bound."""
 
-import json
-
 import dagster as dg
 
 from rugpt_assets import settings
 from rugpt_assets.core import evaluate
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.quantize import QuantType
-from rugpt_assets.defs.export import evaluation_path, ggml_f16, ggml_quantized, quant_partitions
+from rugpt_assets.defs.export import ggml_f16, ggml_quantized, perplexity_delta, quant_partitions, read_evaluation
 from rugpt_assets.defs.resources import StorageResource
 
 EXPORT = settings.active_profile().export
@@ -60,9 +58,8 @@ def ggml_quantized_generates(context: dg.AssetCheckExecutionContext, storage: St
 def ggml_quantized_perplexity_bound(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     quant = QuantType[context.partition_key]
     layout = storage.layout
-    quantized = json.loads(evaluation_path(layout.ggml_quantized(quant.name)).read_text())
-    f16 = json.loads(evaluation_path(layout.ggml_f16).read_text())
-    delta = quantized["perplexity"] / f16["perplexity"] - 1
+    quantized = read_evaluation(layout.ggml_quantized(quant.name))
+    delta = perplexity_delta(quantized, read_evaluation(layout.ggml_f16))
     return dg.AssetCheckResult(
         passed=delta <= quant.max_ppl_increase,
         metadata={"perplexity_delta": delta, "bound": quant.max_ppl_increase, "kl_to_f16": quantized["kl_to_f16"]},

@@ -24,6 +24,15 @@ def evaluation_path(ggml_path: Path) -> Path:
     return ggml_path.with_suffix(".eval.json")
 
 
+def read_evaluation(ggml_path: Path) -> dict:
+    return json.loads(evaluation_path(ggml_path).read_text())
+
+
+def perplexity_delta(numbers: dict, f16_numbers: dict) -> float:
+    """Relative perplexity change against f16: what the per-type bound limits."""
+    return numbers["perplexity"] / f16_numbers["perplexity"] - 1
+
+
 def _evaluate(path: Path, storage: StorageResource, export: ExportConfig) -> dict:
     layout = storage.layout
     val_chats = list(read_jsonl(layout.chat_set / "val.jsonl"))
@@ -38,9 +47,8 @@ def _quant_table(storage: StorageResource) -> dg.MetadataValue:
     layout = storage.layout
     rows = []
     for name, path in [("F16", layout.ggml_f16)] + [(q.name, layout.ggml_quantized(q.name)) for q in QuantType]:
-        eval_path = evaluation_path(path)
-        if path.exists() and eval_path.exists():
-            numbers = json.loads(eval_path.read_text())
+        if path.exists() and evaluation_path(path).exists():
+            numbers = read_evaluation(path)
             rows.append(
                 {
                     "type": name,
@@ -121,8 +129,8 @@ def ggml_quantized(
     path = layout.ggml_quantized(quant.name)
     report = quantize_ggml(layout.ggml_f16, quant, path)
     numbers = _evaluate(path, storage, export)
-    f16 = json.loads(evaluation_path(layout.ggml_f16).read_text())
-    delta = numbers["perplexity"] / f16["perplexity"] - 1
+    f16 = read_evaluation(layout.ggml_f16)
+    delta = perplexity_delta(numbers, f16)
     context.log.info(f"{quant.name}: {report.size_bytes / 2**20:.1f} MiB, perplexity {delta:+.2%} vs f16")
     # The f16 asset's table gains this row: record it there as an observation.
     context.log_event(dg.AssetObservation(asset_key=ggml_f16.key, metadata={"quantizations": _quant_table(storage)}))
