@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from rugpt_assets.core.artifacts import atomic_file, write_jsonl
+from rugpt_assets.core.artifacts import write_jsonl
 from rugpt_assets.core.configs import RecipeConfig
 from rugpt_assets.core.sources import CHAT_ROLES, SOURCES
 
@@ -431,12 +431,12 @@ def build_chat_set(
 
 
 def write_chat_set(chat_set: ChatSet, out_dir: Path) -> None:
-    """``train.jsonl`` and ``val.jsonl``; the same chat set always gives the same bytes."""
+    """``train.jsonl`` and ``val.jsonl``; the same chat set always gives the same bytes.
+    Written in place: the caller publishes the directory (`artifacts.publish_dir`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, records in (("train", chat_set.train), ("val", chat_set.val)):
-        with atomic_file(out_dir / f"{name}.jsonl") as tmp:
-            write_jsonl(tmp, records)
+        write_jsonl(out_dir / f"{name}.jsonl", records)
 
 
 def distribution(values: Sequence[int]) -> dict[str, float]:

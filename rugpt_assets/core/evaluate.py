@@ -36,9 +36,9 @@ def load_llm_rs(path: Path, threads: int) -> tuple[Gpt2, float]:
     context is the model's own n_ctx: llm-rs would otherwise allow 2048 positions and read
     past a smaller position table.
     """
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"GGML file {path} does not exist")
+    path = Path(path).resolve()  # the file and its sidecar from one published version
     tokenizer = ggml.tokenizer_sidecar(path)
     if not tokenizer.is_file():
         raise FileNotFoundError(f"{tokenizer} is missing; write GGML files with ggml.write_ggml_f16 / quantize_ggml")
@@ -133,6 +133,7 @@ def generate(
 def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
+    model_dir = Path(model_dir).resolve()  # weights, config and tokenizer from one published version
     model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 

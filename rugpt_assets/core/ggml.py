@@ -37,7 +37,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from rugpt_assets.core.artifacts import atomic_file, sha256_file
+from rugpt_assets.core.artifacts import check_safetensors, published, sha256_file
 
 # Dagster's code_version of the GGML assets: bump when the same model would give other bytes.
 GGML_WRITER_VERSION = "1"
@@ -211,8 +211,7 @@ def write_llm_rs_tokenizer(tokenizer, out_path: Path) -> None:
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     data["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     data["decoder"] = {"type": "Fuse"}
-    with atomic_file(out_path) as tmp:
-        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    Path(out_path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def _check_quantizable(model_dir: Path, ggml_name: str, shape: tuple[int, ...]) -> None:
@@ -226,6 +225,16 @@ def _check_quantizable(model_dir: Path, ggml_name: str, shape: tuple[int, ...]) 
             f"Rows need a multiple of {QUANT_BLOCK} elements (n_embd) and rows × row/{QUANT_BLOCK} a "
             "multiple of 8: pad vocab_size to a multiple of 8 (ruGPT-3.5's 50272 is one)."
         )
+
+
+def _check_shapes(model_dir: Path, plan: list[tuple[str, str, Path]]) -> None:
+    """Every f16 tensor's shape, from the headers, before anything is written."""
+    for st_file in sorted({file for _, _, file in plan}):
+        with safe_open(st_file, framework="pt") as st:
+            for ggml_name, st_name, file in plan:
+                shape = tuple(st.get_slice(st_name).get_shape()) if file == st_file else ()
+                if len(shape) == 2 and ggml_name != "model/wpe":  # stored f16 (see _ggml_array)
+                    _check_quantizable(model_dir, ggml_name, shape[::-1] if ggml_name.endswith("/w") else shape)
 
 
 def _ggml_array(ggml_name: str, tensor: torch.Tensor) -> np.ndarray:
@@ -249,16 +258,19 @@ def _write_tensor_header(f, name: str, ggml_type: int, shape: tuple[int, ...]) -
 
 def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
     """Export a GPT-2 safetensors checkpoint to llm-rs's f16 GGML file, plus its `.meta` and
-    `.tokenizer.json` sidecars.
+    `.tokenizer.json` sidecars. Written in place: the caller publishes the set
+    (`artifacts.publish_file`), so the three files (and any added beside them) switch together.
 
     Streams: one tensor is read, converted and written at a time (peak memory ≈ the largest
     tensor, not the model). Returns a summary: tensors, parameters (elements stored in the
     file, a tied lm_head counted again: the denominator of bits per weight), size_bytes.
     """
-    model_dir, out_path = Path(model_dir), Path(out_path)
+    model_dir, out_path = published(model_dir), Path(out_path)
     config = json.loads((model_dir / "config.json").read_text())
     _check_config(model_dir, config)
+    check_safetensors(model_dir)
     plan = _tensor_plan(model_dir, config)
+    _check_shapes(model_dir, plan)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     try:
         vocab = tokenizer_vocab_bytes(tokenizer, config["vocab_size"])
@@ -266,32 +278,29 @@ def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
         raise ValueError(f"{model_dir}: {exc}") from exc
     hparams = (config["vocab_size"], config["n_positions"], config["n_embd"], config["n_head"], config["n_layer"])
 
-    # Sidecars first: once the .bin exists, everything that goes with it does too.
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     write_llm_rs_tokenizer(tokenizer, tokenizer_sidecar(out_path))
     write_llm_rs_meta(out_path, QuantizationType.F16)
     parameters = 0
-    with atomic_file(out_path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(GGML_MAGIC, *hparams, FTYPE_F16))
-            f.write(struct.pack("<i", len(vocab)))
-            for token in vocab:
-                f.write(struct.pack("<I", len(token)))
-                f.write(token)
-            for ggml_name, st_name, st_file in plan:
-                # Opened per tensor: a safetensors memory map keeps every page it touched
-                # resident until closed, which would grow RSS to the whole shard.
-                with safe_open(st_file, framework="pt") as st:
-                    data = _ggml_array(ggml_name, st.get_tensor(st_name))
-                if data.dtype == np.float16:
-                    _check_quantizable(model_dir, ggml_name, data.shape)
-                ggml_type = GGMLQuantizationType.F16 if data.dtype == np.float16 else GGMLQuantizationType.F32
-                _write_tensor_header(f, ggml_name, ggml_type, data.shape)
-                data.tofile(f)
-                parameters += data.size
-                del data
-        written = read_ggml(tmp)
-        if list(written.tensors) != [name for name, _, _ in plan] or written.vocab != vocab:
-            raise RuntimeError(f"{tmp}: the file read back differs from what was written")
+    with open(out_path, "wb") as f:
+        f.write(_HEADER.pack(GGML_MAGIC, *hparams, FTYPE_F16))
+        f.write(struct.pack("<i", len(vocab)))
+        for token in vocab:
+            f.write(struct.pack("<I", len(token)))
+            f.write(token)
+        for ggml_name, st_name, st_file in plan:
+            # Opened per tensor: a safetensors memory map keeps every page it touched
+            # resident until closed, which would grow RSS to the whole shard.
+            with safe_open(st_file, framework="pt") as st:
+                data = _ggml_array(ggml_name, st.get_tensor(st_name))
+            ggml_type = GGMLQuantizationType.F16 if data.dtype == np.float16 else GGMLQuantizationType.F32
+            _write_tensor_header(f, ggml_name, ggml_type, data.shape)
+            data.tofile(f)
+            parameters += data.size
+            del data
+    written = read_ggml(out_path)
+    if list(written.tensors) != [name for name, _, _ in plan] or written.vocab != vocab:
+        raise RuntimeError(f"{out_path}: the file read back differs from what was written")
     return {"tensors": len(plan), "parameters": parameters, "size_bytes": out_path.stat().st_size}
 
 
@@ -311,8 +320,7 @@ def write_llm_rs_meta(ggml_path: Path, quantization: QuantizationType) -> Path:
             QuantizationVersions.Not_Quantized if quantization == QuantizationType.F16 else QuantizationVersions.V2
         ),
     )
-    with atomic_file(meta_path(ggml_path)) as tmp:
-        tmp.write_text(json.dumps(metadata.serialize(), indent=4) + "\n")
+    meta_path(ggml_path).write_text(json.dumps(metadata.serialize(), indent=4) + "\n")
     return meta_path(ggml_path)
 
 

@@ -6,8 +6,8 @@ for DDP), or call `train_lora` in-process. ``job.json`` holds the `TrainJob` pat
 set), rank 0 streams progress lines and the final materialization metadata back; otherwise
 progress goes to stdout. ``output_dir/metrics.json`` holds the same numbers either way.
 
-Resume. Checkpoints live in ``runs_dir/<run key>/checkpoint-<step>/`` (LoRA weights, optimizer,
-scheduler, grad scaler, step, history). The run key hashes the TrainConfig, the world size, the
+Resume. The latest checkpoint lives in ``runs_dir/<run key>/checkpoint/`` (LoRA weights, optimizer,
+scheduler, grad scaler, step, history), replaced at each save by the publication rule. The run key hashes the TrainConfig, the world size, the
 bytes of the train/val files and the base model directory's file names, sizes and modification
 times (an identity, not a content hash: rewriting the base model starts afresh rather than
 hashing 26 GB). A run with the same key continues from its latest checkpoint; anything else
@@ -49,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from rugpt_assets.core.artifacts import atomic_dir, atomic_file, read_jsonl, sha256_file
+from rugpt_assets.core.artifacts import check_safetensors, publish_dir, publish_file, published, read_jsonl, sha256_file
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
 from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
 from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
@@ -94,8 +94,8 @@ class TrainJob:
         return {**{k: str(getattr(self, k)) for k in JOB_PATHS}, "train": to_dict(self.config)}
 
     def write(self, path: Path) -> None:
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+        """The trainer's input, written before the trainer starts (not an artifact)."""
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -382,32 +382,30 @@ def open_run(job: TrainJob, rt: Runtime) -> tuple[Path, str]:
     key = run_key(job, rt.world_size)
     run = job.runs_dir / key[:16]
     if rt.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        for stale in run.glob(".checkpoint-*"):  # temporaries of a killed save
-            shutil.rmtree(stale, ignore_errors=True)
-        (run / "run.json").write_text(json.dumps({"run_key": key, **job.to_json()}, indent=2))
+        with publish_file(run / "run.json") as tmp:
+            tmp.write_text(json.dumps({"run_key": key, **job.to_json()}, indent=2))
     if rt.distributed:
         dist.barrier()  # every rank sees the same checkpoints, so all resume from the same step
     return run, key
 
 
 def checkpoints(run: Path) -> list[Path]:
-    return sorted(run.glob("checkpoint-*"))  # zero-padded steps sort in order
+    """The run's published checkpoint, if it has one (a one-element list, else empty)."""
+    return [run / "checkpoint"] if (run / "checkpoint").exists() else []
 
 
 def save_checkpoint(run: Path, model, optimizer, scheduler, scaler, state: dict[str, Any]) -> None:
-    with atomic_dir(run / f"checkpoint-{state['step']:06d}") as tmp:
+    with publish_dir(run / "checkpoint") as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable(model).items()}, tmp / "lora.safetensors")
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
             tmp / "optimizer.pt",
         )
         (tmp / "state.json").write_text(json.dumps(state))
-    for old in checkpoints(run)[:-1]:
-        shutil.rmtree(old)
 
 
 def load_checkpoint(path: Path, key: str, model, optimizer, scheduler, scaler, rt: Runtime) -> dict[str, Any]:
+    path = published(path)  # its three files from one version
     state = json.loads((path / "state.json").read_text())
     if state["run_key"] != key:
         raise RuntimeError(f"{path} belongs to another run; delete it to start fresh")
@@ -505,7 +503,7 @@ def peak_memory_gb(device: torch.device) -> float:
 def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict[str, Any], png: bytes) -> None:
     """adapter_config.json, adapter_model.safetensors, tokenizer, generation_config.json (from the
     base), metrics.json and loss_curve.png; checked, then renamed into place."""
-    with atomic_dir(job.output_dir) as tmp:
+    with publish_dir(job.output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         generation = job.base_model_dir / "generation_config.json"
@@ -534,6 +532,7 @@ def train_lora(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
 
 def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> TrainResult:
     cfg = job.config
+    check_safetensors(job.base_model_dir)  # a truncated shard fails now, not after tokenizing
     tokenizer = AutoTokenizer.from_pretrained(job.base_model_dir, trust_remote_code=False)
     filler_id = tokenizer.eos_token_id
     train_chats, skipped = load_chats(job.train_path, tokenizer, cfg)

@@ -7,7 +7,7 @@ import dagster as dg
 
 from rugpt_assets import settings
 from rugpt_assets.core import evaluate, ggml
-from rugpt_assets.core.artifacts import atomic_file, read_jsonl
+from rugpt_assets.core.artifacts import publish_file, published, read_jsonl
 from rugpt_assets.core.configs import ExportConfig
 from rugpt_assets.core.quantize import QuantType, quantize_ggml
 from rugpt_assets.defs.automation import retrain_condition
@@ -33,12 +33,12 @@ def perplexity_delta(numbers: dict, f16_numbers: dict) -> float:
     return numbers["perplexity"] / f16_numbers["perplexity"] - 1
 
 
-def _evaluate(path: Path, storage: StorageResource, export: ExportConfig) -> dict:
+def _evaluate(path: Path, f16_path: Path, storage: StorageResource, export: ExportConfig) -> dict:
+    """Evaluate a staged file and write its numbers beside it, into the set being published."""
     layout = storage.layout
     val_chats = list(read_jsonl(layout.chat_set / "val.jsonl"))
-    numbers = evaluate.evaluate_ggml_file(path, layout.merged_model, val_chats, export, f16_path=layout.ggml_f16)
-    with atomic_file(evaluation_path(path)) as tmp:
-        tmp.write_text(json.dumps(numbers, ensure_ascii=False, indent=2))
+    numbers = evaluate.evaluate_ggml_file(path, layout.merged_model, val_chats, export, f16_path=f16_path)
+    evaluation_path(path).write_text(json.dumps(numbers, ensure_ascii=False, indent=2))
     return numbers
 
 
@@ -96,8 +96,9 @@ def ggml_f16(
 ) -> dg.MaterializeResult:
     export = settings.config_to_dataclass(config, ExportConfig)
     path = storage.layout.ggml_f16
-    ggml.write_ggml_f16(storage.layout.merged_model, path)
-    numbers = _evaluate(path, storage, export)
+    with publish_file(path) as staged:  # the file, its sidecars and its evaluation: one set
+        ggml.write_ggml_f16(storage.layout.merged_model, staged)
+        numbers = _evaluate(staged, staged, storage, export)
     context.log.info(f"f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
     return dg.MaterializeResult(
         metadata={**_file_metadata(path, numbers), "quantizations": _quant_table(storage)}
@@ -127,9 +128,11 @@ def ggml_quantized(
     quant = QuantType[context.partition_key]
     layout = storage.layout
     path = layout.ggml_quantized(quant.name)
-    report = quantize_ggml(layout.ggml_f16, quant, path)
-    numbers = _evaluate(path, storage, export)
-    f16 = read_evaluation(layout.ggml_f16)
+    f16_path = published(layout.ggml_f16)  # quantized, compared and read from one f16 version
+    with publish_file(path) as staged:
+        report = quantize_ggml(f16_path, quant, staged)
+        numbers = _evaluate(staged, f16_path, storage, export)
+    f16 = read_evaluation(f16_path)
     delta = perplexity_delta(numbers, f16)
     context.log.info(f"{quant.name}: {report.size_bytes / 2**20:.1f} MiB, perplexity {delta:+.2%} vs f16")
     # The f16 asset's table gains this row: record it there as an observation.

@@ -8,7 +8,7 @@ import dagster as dg
 
 from rugpt_assets import settings
 from rugpt_assets.core import demo_model, merge, train
-from rugpt_assets.core.artifacts import atomic_dir, sha256_tree
+from rugpt_assets.core.artifacts import publish_dir, published, sha256_tree
 from rugpt_assets.core.base_model import apply_rugpt_fixes, download_base_model
 from rugpt_assets.core.configs import MergeConfig, TrainConfig
 from rugpt_assets.defs.automation import retrain_condition, training_condition
@@ -42,7 +42,7 @@ def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     target = storage.layout.base_model
-    with atomic_dir(target) as tmp:
+    with publish_dir(target) as tmp:
         if config.repo:
             context.log.info(f"downloading {config.repo}@{config.revision}")
             revision = download_base_model(config.repo, config.revision, tmp, os.environ.get(config.token_env_var))
@@ -88,10 +88,11 @@ def lora_adapter(
     trainer: TrainerResource,
 ):
     layout = storage.layout
+    chats = published(layout.chat_set)  # train and val from one version of the set
     job = train.TrainJob(
-        base_model_dir=str(layout.base_model),
-        train_path=str(layout.chat_set / "train.jsonl"),
-        val_path=str(layout.chat_set / "val.jsonl"),
+        base_model_dir=str(published(layout.base_model)),
+        train_path=str(chats / "train.jsonl"),
+        val_path=str(chats / "val.jsonl"),
         output_dir=str(layout.lora_adapter),
         runs_dir=str(layout.training_runs),
         config=settings.config_to_dataclass(config, TrainConfig),

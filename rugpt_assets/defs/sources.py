@@ -6,7 +6,7 @@ Both are built from the one spec list in `core.sources`; nothing here is written
 import dagster as dg
 
 from rugpt_assets.core import sources
-from rugpt_assets.core.artifacts import atomic_dir
+from rugpt_assets.core.artifacts import publish_dir
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.resources import SourcesResource, StorageResource, preview_table
 
@@ -60,7 +60,7 @@ def raw_snapshot(spec: sources.SourceSpec) -> dg.AssetsDefinition:
         raw_rows, revision = sources_resource.read(spec)
         snapshot = sources.normalize_rows(spec, raw_rows)
         target = storage.layout.raw_source(spec.name)
-        with atomic_dir(target) as tmp:
+        with publish_dir(target) as tmp:
             sources.write_snapshot(snapshot, tmp)
         rejected = sum(snapshot.rejected.values())
         context.log.info(

@@ -133,14 +133,14 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(inputs, tmp_path):
     job = make_job(inputs, tmp_path / "killed", config)
     process = run_cli(job, tmp_path / "killed")
     deadline = time.monotonic() + 120
-    while not list(job.runs_dir.glob("*/checkpoint-*")):
+    while not list(job.runs_dir.glob("*/checkpoint")):
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not job.output_dir.exists()  # killed mid-run, before the end
-    saved = sorted(job.runs_dir.glob("*/checkpoint-*"))[-1]
+    saved = sorted(job.runs_dir.glob("*/checkpoint"))[-1]
     saved_step = json.loads((saved / "state.json").read_text())["step"]
     assert 4 <= saved_step < 40
 
