@@ -8,7 +8,7 @@ from rugpt_assets import settings
 from rugpt_assets.defs import checks, data, export, model
 from rugpt_assets.defs.automation import automation_sensor, observe_cron
 from rugpt_assets.defs.resources import SourcesResource, StorageResource, TrainerResource
-from rugpt_assets.defs.sources import observed_sources, raw_snapshots
+from rugpt_assets.defs.sources import health_checks, observed_sources, raw_snapshots
 
 PROFILE = settings.active_profile()
 
@@ -56,7 +56,7 @@ defs = dg.Definitions(
         export.ggml_f16,
         export.ggml_quantized,
     ],
-    asset_checks=[model.eval_loss_below_base, *checks.export_checks],
+    asset_checks=[*health_checks, model.eval_loss_below_base, *checks.export_checks],
     jobs=[train_and_export_job, quantize_job, observe_sources_job],
     schedules=[observe_sources_schedule],
     sensors=[automation_sensor],

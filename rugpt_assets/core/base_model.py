@@ -8,6 +8,7 @@ execute code from the file.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from rugpt_assets.core.demo_model import BOS_ID, EOS_ID, PAD_ID, write_generation_config
@@ -19,6 +20,24 @@ OTHER_PATTERNS = ["*.json", "*.txt", "*.model"]
 
 class HubDownloadError(RuntimeError):
     pass
+
+
+def check_hub_source(repo: str | None, revision: str, token_env_var: str) -> None:
+    """The base model settings, checked before anything is downloaded or built."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    problems = []
+    if repo is not None:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError as exc:
+            problems.append(f"repo={repo!r}: not a hub repo id ({exc})")
+    if not revision.strip():
+        problems.append("revision='': name a branch, tag or commit")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", token_env_var):
+        problems.append(f"token_env_var={token_env_var!r}: not an environment variable name")
+    if problems:
+        raise ValueError("invalid base_model settings: " + "; ".join(problems))
 
 
 def download_base_model(repo: str, revision: str, out_dir: Path, token: str | None) -> str:

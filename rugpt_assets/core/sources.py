@@ -9,9 +9,9 @@ one hub row per line) or from the hub through ``datasets``. Whatever form they a
   objects or the hub's flattened ``{"role": [...], "content": [...]}``;
 - roleplay ``dialogues`` are ``[{"chat": [messages]}, ...]``, ``example_dialogue`` a message list.
 
-A row that does not fit is skipped and counted by reason (``malformed_json``,
-``missing_column:<col>``, ``wrong_type:<col>``, ``unknown_role:<role>``, ``not_an_object``);
-one bad row never stops a snapshot.
+A row that does not fit is skipped and counted by reason (``malformed_json``, ``not_utf8``,
+``line_too_long``, ``missing_column:<col>``, ``wrong_type:<col>``, ``unknown_role:<role>``,
+``not_an_object``); one bad row never stops a snapshot (`source_health` judges the rate).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ EXAMPLE_DIALOGUE_ROLES = frozenset({"user", "char"})
 
 SNAPSHOT_FILE = "rows.jsonl"
 MAX_REJECT_EXAMPLES = 10
+# No hub row comes near this; a longer line is read in pieces and skipped, never held whole.
+MAX_LINE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,11 @@ class SourceHubError(RuntimeError):
 
 @dataclass(frozen=True)
 class RawLineError:
-    """A line of a local source file that is not valid JSON: counted as ``malformed_json``."""
+    """A line of a local source file that cannot be read as a row: counted under ``reason``."""
 
     line: int
     error: str
+    reason: str = "malformed_json"
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,7 @@ def normalize_rows(spec: SourceSpec, raw_rows: Iterable[dict | RawLineError]) ->
     n = 0
     for n, raw in enumerate(raw_rows, 1):
         if isinstance(raw, RawLineError):
-            reason, where = "malformed_json", f"line {raw.line}: malformed_json ({raw.error})"
+            reason, where = raw.reason, f"line {raw.line}: {raw.reason} ({raw.error})"
         else:
             try:
                 rows.append(_normalize_row(spec, raw))
@@ -236,14 +239,26 @@ def _local_file(spec: SourceSpec, sources_dir: Path) -> Path:
     )
 
 
-def _json_lines(path: Path) -> Iterator[dict | RawLineError]:
+def _json_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[dict | RawLineError]:
     # Binary lines: a line with bad UTF-8 becomes a counted error instead of stopping the read.
     with open(path, "rb") as f:
-        for line_no, line in enumerate(f, 1):
+        line_no = 0
+        while line := f.readline(max_line_bytes + 1):
+            line_no += 1
+            if len(line) > max_line_bytes:
+                while not line.endswith(b"\n") and (line := f.readline(max_line_bytes)):
+                    pass  # the rest of the overlong line, piece by piece
+                yield RawLineError(line_no, f"longer than {max_line_bytes} bytes", "line_too_long")
+                continue
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawLineError(line_no, f"byte {line[e.start]:#04x} at offset {e.start}", "not_utf8")
+                continue
+            try:
+                yield json.loads(text)
             except ValueError as e:
                 yield RawLineError(line_no, str(e))
 

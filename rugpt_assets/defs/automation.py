@@ -40,12 +40,16 @@ class MaterializedLongAgo(dg.AutomationCondition):
 
 
 def retrain_condition() -> dg.AutomationCondition:
-    """Eager on new parent data, plus a one-shot request when this asset's code version changes."""
-    return dg.AutomationCondition.eager() | (
-        dg.AutomationCondition.code_version_changed()
-        & ~dg.AutomationCondition.any_deps_missing()
-        & ~dg.AutomationCondition.in_progress()
-    ).with_label("code_version_changed")
+    """Eager on new parent data, plus a one-shot request when this asset's code version changes;
+    never from a parent whose blocking checks failed (an unhealthy source snapshot)."""
+    return (
+        dg.AutomationCondition.eager()
+        | (
+            dg.AutomationCondition.code_version_changed()
+            & ~dg.AutomationCondition.any_deps_missing()
+            & ~dg.AutomationCondition.in_progress()
+        ).with_label("code_version_changed")
+    ) & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
 
 def min_retrain_interval_hours() -> float:

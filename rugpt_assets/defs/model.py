@@ -9,7 +9,7 @@ import dagster as dg
 from rugpt_assets import settings
 from rugpt_assets.core import demo_model, merge, train
 from rugpt_assets.core.artifacts import publish_dir, published, sha256_tree
-from rugpt_assets.core.base_model import apply_rugpt_fixes, download_base_model
+from rugpt_assets.core.base_model import apply_rugpt_fixes, check_hub_source, download_base_model
 from rugpt_assets.core.configs import MergeConfig, TrainConfig
 from rugpt_assets.defs.automation import retrain_condition, training_condition
 from rugpt_assets.defs.resources import StorageResource, TrainerResource
@@ -41,6 +41,7 @@ class BaseModelConfig(dg.Config):
 def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
+    check_hub_source(config.repo, config.revision, config.token_env_var)
     target = storage.layout.base_model
     with publish_dir(target) as tmp:
         if config.repo:
