@@ -28,14 +28,24 @@ def observe(instance) -> None:
     assert defs.resolve_job_def(observe_sources_job.name).execute_in_process(instance=instance).success
 
 
+def record_materialized(instance, key: str | dg.AssetKey, partition: str | None = None, checks_pass: bool = True) -> None:
+    """A runless materialization and its checks' results: the automation only reads the event log.
+    (Nothing depends on a partition's checks; and runless ones cannot be recorded twice.)"""
+    key = dg.AssetKey.from_coercible(key)
+    instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=partition))
+    for check in defs.resolve_asset_graph().get(key).check_keys if partition is None else ():
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(asset_key=key, check_name=check.name, passed=checks_pass)
+        )
+
+
 def record_everything_materialized(instance) -> None:
-    """Runless materializations: the automation logic only looks at the event log."""
     for key in defs.resolve_asset_graph().materializable_asset_keys:
         if key == dg.AssetKey("ggml_quantized"):
             for quant in QuantType:
-                instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=quant.name))
+                record_materialized(instance, key, quant.name)
         else:
-            instance.report_runless_asset_event(dg.AssetMaterialization(key))
+            record_materialized(instance, key)
 
 
 def requested(result) -> set[str]:
@@ -71,16 +81,36 @@ def test_edited_source_requests_the_chain_then_nothing(instance, mirror, monkeyp
 
     # ... and once it ran (recorded here), every quantization partition follows.
     for key in [f"raw_{EDITED.name}", *CHAIN]:
-        instance.report_runless_asset_event(dg.AssetMaterialization(key))
+        record_materialized(instance, key)
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
     assert requested(result) == {"ggml_quantized"}
     assert result.get_requested_partitions(dg.AssetKey("ggml_quantized")) == {q.name for q in QuantType}
 
     # Then nothing more.
     for quant in QuantType:
-        instance.report_runless_asset_event(dg.AssetMaterialization("ggml_quantized", partition=quant.name))
+        record_materialized(instance, "ggml_quantized", quant.name)
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
     assert result.total_requested == 0
+
+
+def test_unhealthy_snapshot_stops_the_chain_until_a_healthy_one(instance, mirror, monkeypatch):
+    cursor = settled(instance, monkeypatch)
+    path = EDITED.local_path(mirror)
+    path.write_text(path.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    observe(instance)
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+    assert requested(result) == {f"raw_{EDITED.name}", *CHAIN}  # one run: the check gates the rest in it
+
+    # The snapshot landed and its blocking health check failed: nothing downstream is requested.
+    record_materialized(instance, f"raw_{EDITED.name}", checks_pass=False)
+    for _ in range(2):
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+        assert result.total_requested == 0
+
+    # A later healthy snapshot lets chat_set (and then the rest) go.
+    record_materialized(instance, f"raw_{EDITED.name}")
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    assert requested(result) == set(CHAIN)
 
 
 def test_recipe_code_version_bump_requests_from_chat_set_down(instance, mirror, monkeypatch):
