@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import secrets
 import shutil
 import time
@@ -223,27 +224,58 @@ _TARGET_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file size li
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
 
 
+_NEARLY_FULL = 1 << 20  # bytes free below which a failed write is put down to a full disk
+
+
+def _target_problem(exc: BaseException, final: Path, version: Path | None = None) -> tuple[BaseException, str] | None:
+    """What in ``exc`` says that the target cannot take the write, and what it says.
+
+    An OSError with a telling errno anywhere in the chain (libraries wrap it: a download that
+    hit a full disk is a full disk). Some writers report a short write without an errno (numpy,
+    torch.save, Rust code); for those, asked while the unpublished ``version`` is still on
+    disk, a nearly full file system or a file grown to the process's size limit says it.
+    """
+    chain, seen = exc, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, OSError):
+            where = Path(chain.filename) if isinstance(chain.filename, (str, Path)) else None
+            if chain.errno in _TARGET_ERRNOS:
+                return chain, _TARGET_ERRNOS[chain.errno]
+            if chain.errno in _PERMISSION_ERRNOS and where is not None and final.parent in (where, *where.parents):
+                return chain, "the target is not writable"
+        chain = chain.__cause__ or chain.__context__
+    if version is None or not version.is_dir():
+        return None
+    if shutil.disk_usage(version).free < _NEARLY_FULL:
+        return exc, _TARGET_ERRNOS[errno.ENOSPC]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and any(p.stat().st_size >= limit for p in version.rglob("*") if p.is_file()):
+        return exc, _TARGET_ERRNOS[errno.EFBIG]
+    return None
+
+
+def _write_error(final: Path, cause: BaseException, what: str) -> ArtifactWriteError:
+    where = getattr(cause, "filename", None) or final
+    detail = getattr(cause, "strerror", None) or cause
+    return ArtifactWriteError(
+        getattr(cause, "errno", None) or 0,
+        f"could not publish {final}: {what} ({detail}; at {where}). "
+        "Nothing was published; the previous version, if any, is untouched.",
+    )
+
+
 @contextlib.contextmanager
 def _target_errors(final: Path) -> Iterator[None]:
     """Name a full disk or read-only target as such, with the set it was writing."""
     try:
         yield
-    except OSError as exc:
-        if isinstance(exc, ArtifactWriteError):
+    except ArtifactWriteError:
+        raise
+    except Exception as exc:
+        if (found := _target_problem(exc, final)) is None:
             raise
-        where = Path(exc.filename) if exc.filename else None
-        on_target = where is None or final.parent in (where, *where.parents)
-        if exc.errno in _TARGET_ERRNOS:
-            what = _TARGET_ERRNOS[exc.errno]
-        elif exc.errno in _PERMISSION_ERRNOS and on_target and where is not None:
-            what = "the target is not writable"
-        else:
-            raise
-        raise ArtifactWriteError(
-            exc.errno,
-            f"could not publish {final}: {what} ({exc.strerror or exc}; at {where or final}). "
-            "Nothing was published; the previous version, if any, is untouched.",
-        ) from exc
+        raise _write_error(final, *found) from exc
 
 
 @contextlib.contextmanager
@@ -257,8 +289,11 @@ def _publish(final: Path, pointer: Path) -> Iterator[Path]:
                 version.mkdir(parents=True)
                 yield version
                 _fsync_tree(version)
-            except BaseException:
+            except BaseException as exc:
+                found = _target_problem(exc, final, version) if isinstance(exc, Exception) else None
                 shutil.rmtree(version, ignore_errors=True)
+                if found is not None:
+                    raise _write_error(final, *found) from exc
                 raise
             if pointer != final:  # member links first: each dangles (reads as missing) until the switch
                 for member in sorted(version.iterdir()):
