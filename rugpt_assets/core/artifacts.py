@@ -332,6 +332,15 @@ def publish_file(final: Path) -> Iterator[Path]:
             raise ValueError(f"publish_file {final}: {strays} are not named {final.stem}.<suffix>")
 
 
+def collect(final: Path) -> None:
+    """Delete what killed writers of the set left behind (for a reader about to use a set that
+    is not written again this run); waits for a writer of the set like `publish_*` does."""
+    final = Path(final)
+    pointer = _file_pointer(final) if _file_pointer(final).is_symlink() else final
+    with _target_errors(final), _locked(final):
+        _collect_garbage(final, pointer)
+
+
 def published(path: Path) -> Path:
     """The real path of a published artifact (or a member of one), resolved once: read a set's
     files through this, so that all of them come from the same version."""

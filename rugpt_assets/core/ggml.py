@@ -143,14 +143,19 @@ def _tensor_plan(model_dir: Path, config: dict) -> list[tuple[str, str, Path]]:
             raise ValueError(f"{model_dir}: lm_head.weight is missing and the embeddings are not tied")
         by_ggml["model/lm_head"] = by_ggml.get("model/wte", "")
 
-    order = ["model/wte", "model/wpe"]
-    for i in range(config["n_layer"]):
-        order += [f"model/h{i}/{v}" for v in _BLOCK_NAMES.values()]
-    order += ["model/ln_f/g", "model/ln_f/b", "model/lm_head"]
+    order = _gpt2_tensor_names(config["n_layer"])
     missing = [n for n in order if not by_ggml.get(n)]
     if missing:
         raise ValueError(f"{model_dir}: safetensors lack tensors for {', '.join(missing[:5])}")
     return [(n, by_ggml[n], weight_map[by_ggml[n]]) for n in order]
+
+
+def _gpt2_tensor_names(n_layer: int) -> list[str]:
+    """Every tensor of a GPT-2 GGML file, in llm-rs's converter order."""
+    names = ["model/wte", "model/wpe"]
+    for i in range(n_layer):
+        names += [f"model/h{i}/{v}" for v in _BLOCK_NAMES.values()]
+    return names + ["model/ln_f/g", "model/ln_f/b", "model/lm_head"]
 
 
 def _check_config(model_dir: Path, config: dict) -> None:
@@ -337,40 +342,58 @@ def read_hparams(path: Path) -> GGMLHparams:
 
 
 def read_ggml(path: Path) -> GGMLFile:
-    """Parse a GPT-2 GGML file; tensor data are memory-mapped views, read only when used."""
+    """Parse a GPT-2 GGML file; tensor data are memory-mapped views, read only when used.
+
+    A truncated or cut file fails here, naming where it ends, before llm-rs (which aborts the
+    whole process on a bad file) or any other work sees it.
+    """
     path = Path(path)
     hparams = read_hparams(path)
     buf = np.memmap(path, dtype=np.uint8, mode="r")
     pos = _HEADER.size
 
-    def ints(n: int) -> tuple[int, ...]:
+    def need(n: int, what: str) -> None:
+        if n < 0 or pos + n > len(buf):
+            raise ValueError(f"{path}: truncated or corrupt: {what} at byte {pos} runs past the end ({len(buf)} bytes)")
+
+    def ints(n: int, what: str) -> tuple[int, ...]:
         nonlocal pos
+        need(4 * n, what)
         values = struct.unpack_from(f"<{n}i", buf, pos)
         pos += 4 * n
         return values
 
-    (n_vocab,) = ints(1)
+    (n_vocab,) = ints(1, "the vocabulary size")
     if n_vocab != hparams.n_vocab:
         raise ValueError(f"{path}: vocabulary has {n_vocab} entries, hyperparameters say {hparams.n_vocab}")
     vocab = []
-    for _ in range(n_vocab):
-        (length,) = ints(1)
+    for i in range(n_vocab):
+        (length,) = ints(1, f"vocabulary entry {i}")
+        need(length, f"vocabulary entry {i}")
         vocab.append(bytes(buf[pos : pos + length]))
         pos += length
 
     tensors = {}
     while pos < len(buf):
-        n_dims, name_len, type_id = ints(3)
-        ne = ints(n_dims)
-        name = bytes(buf[pos : pos + name_len]).decode("utf-8")
+        n_dims, name_len, type_id = ints(3, "a tensor header")
+        if not 1 <= n_dims <= 4:
+            raise ValueError(f"{path}: corrupt tensor header at byte {pos - 12} ({n_dims} dimensions)")
+        ne = ints(n_dims, "a tensor header")
+        need(name_len, "a tensor name")
+        name = bytes(buf[pos : pos + name_len]).decode("utf-8", errors="replace")
         pos += name_len
-        ggml_type = GGMLQuantizationType(type_id)
+        try:
+            ggml_type = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise ValueError(f"{path}: tensor {name} has unknown ggml type {type_id} (corrupt file?)") from None
         block, block_bytes = GGML_QUANT_SIZES[ggml_type]
         nbytes = int(np.prod(ne, dtype=np.int64)) // block * block_bytes
-        if pos + nbytes > len(buf):
-            raise ValueError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
+        need(nbytes, f"tensor {name}")
         tensors[name] = GGMLTensor(name, ggml_type, tuple(ne), buf[pos : pos + nbytes])
         pos += nbytes
+    missing = [n for n in _gpt2_tensor_names(hparams.n_layer) if n not in tensors]
+    if missing:
+        raise ValueError(f"{path}: truncated or incomplete: it ends at byte {pos} without tensor {missing[0]}")
     return GGMLFile(hparams, vocab, tensors)
 
 

@@ -49,7 +49,15 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from rugpt_assets.core.artifacts import check_safetensors, publish_dir, publish_file, published, read_jsonl, sha256_file
+from rugpt_assets.core.artifacts import (
+    check_safetensors,
+    collect,
+    publish_dir,
+    publish_file,
+    published,
+    read_jsonl,
+    sha256_file,
+)
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
 from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
 from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
@@ -376,6 +384,7 @@ def open_run(job: TrainJob, rt: Runtime) -> tuple[Path, str]:
     if rt.is_main:
         with publish_file(run / "run.json") as tmp:
             tmp.write_text(json.dumps({"run_key": key, **job.to_json()}, indent=2))
+        collect(run / "checkpoint")  # a resumed run may never save again
     if rt.distributed:
         dist.barrier()  # every rank sees the same checkpoints, so all resume from the same step
     return run, key

@@ -93,6 +93,9 @@ def test_fault_loses_nothing(name, fault, storage, published_storage, tmp_path, 
         harness.assert_clean(final)
         assert_whole(final)
         target.load(final)
+        if fault == "mid_write":  # proof that the kill cut the set short: the whole set differs
+            whole = {p.relative_to(published_version(final)).as_posix(): p.stat().st_size for p in harness.set_members(final).values()}
+            assert options["left"] != whole, "the killed writer had written the whole set"
 
 
 def check_outcome(name: str, fault: str, final: Path, outcome: harness.Outcome, options: dict) -> None:
@@ -101,9 +104,9 @@ def check_outcome(name: str, fault: str, final: Path, outcome: harness.Outcome, 
         assert outcome.signal == (signal.SIGXFSZ if fault == "mid_write" else signal.SIGKILL), outcome
         left = [v for v in artifacts.versions_dir(final).iterdir() if v != published_version(final)]
         assert left, "the killed writer's version is left (for the next run to collect)"
-        if fault == "mid_write":  # proof that the process died inside the set's write
-            cut = [p for v in left for p in v.rglob("*") if p.is_file() and p.stat().st_size == options["fsize"]]
-            assert cut, f"no file cut at {options['fsize']} bytes in {left}"
+        if fault == "mid_write":  # no file of the unpublished version grew past the limit
+            options["left"] = {p.relative_to(v).as_posix(): p.stat().st_size for v in left for p in v.rglob("*") if p.is_file()}
+            assert max(options["left"].values(), default=0) <= options["fsize"], options["left"]
     else:
         assert outcome.exitcode == 1, outcome
         assert f"could not publish {final}: {EXPECTED_ERROR[fault]}" in outcome.error, outcome.error[:2000]
