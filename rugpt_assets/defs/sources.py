@@ -123,6 +123,7 @@ def health_check(spec: sources.SourceSpec) -> dg.AssetChecksDefinition:
                 "row_drop": health.row_drop,
                 "max_row_drop": health.max_row_drop,
                 "rejected_by_reason": dg.MetadataValue.json(health.rejected),
+                "reject_examples": dg.MetadataValue.json(health.reject_examples),
             },
         )
 
