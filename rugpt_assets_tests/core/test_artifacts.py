@@ -5,8 +5,8 @@ killed writers collected, one writer at a time, target errors named."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
+import logging
 import multiprocessing
 import os
 import time
@@ -121,19 +121,30 @@ def test_two_writers_of_one_set_never_interleave(tmp_path):
     assert len(list(versions_dir(final).iterdir())) == 1
 
 
-def test_waiting_writer_says_whom_it_waits_for(tmp_path, caplog):
-    final = tmp_path / "model"
-    held = os.open(artifacts.lock_path(final), os.O_RDWR | os.O_CREAT)
-    os.write(held, b"pid 12345 since now")
-    fcntl.flock(held, fcntl.LOCK_EX)
+def _hold_lock(final: str, seconds: float) -> None:
+    with artifacts._locked(Path(final)):
+        time.sleep(seconds)
+
+
+def _logged_writer(final: str, log: str) -> None:
+    logging.getLogger(artifacts.__name__).addHandler(logging.FileHandler(log))
+    _slow_writer(final, "A", log + ".times")
+
+
+def test_waiting_writer_says_whom_it_waits_for(tmp_path):
+    final, log = tmp_path / "model", tmp_path / "artifacts.log"
     context = multiprocessing.get_context("fork")
-    writer = context.Process(target=_slow_writer, args=(str(final), "A", str(tmp_path / "log")))
+    holder = context.Process(target=_hold_lock, args=(str(final), 1.5))
+    holder.start()
+    time.sleep(0.3)
+    writer = context.Process(target=_logged_writer, args=(str(final), str(log)))
     writer.start()
-    time.sleep(1.0)
+    time.sleep(0.5)
     assert writer.is_alive() and not final.exists()  # waiting for the lock
-    os.close(held)
+    holder.join(30)
     writer.join(30)
     assert writer.exitcode == 0 and len(list(final.iterdir())) == 5
+    assert f"{final} is being written by pid {holder.pid} since" in log.read_text()
 
 
 def test_target_errors_are_named(tmp_path):

@@ -60,6 +60,7 @@ def test_token_reaches_the_hub_calls_and_nothing_else(published_storage, tmp_pat
 
     raw = next(a for a in raw_snapshots if a.key == dg.AssetKey(f"raw_{SPEC.name}"))
     caplog.set_level("DEBUG")
+    (tmp_path / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance, \
             mock.patch("huggingface_hub.HfApi.model_info", model_info), \
             mock.patch("huggingface_hub.snapshot_download", snapshot_download), \
