@@ -102,6 +102,7 @@ class TrainJob:
 
     def write(self, path: Path) -> None:
         """The trainer's input, written before the trainer starts (not an artifact)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
 
 
