@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# The TrainConfig an adapter was trained with, saved beside it (evaluation reads its system prompt).
+TRAIN_CONFIG_FILE = "train_config.json"
+
 DEFAULT_SYSTEM_PROMPT = (
     "Ты — ruGPT-3.5, русскоязычный автоматический ассистент. "
     "Ты разговариваешь с людьми и помогаешь им."
@@ -86,8 +89,11 @@ class MergeConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     threads: int = 2  # llm-rs threads for load/generate checks; unset oversubscribes (DESIGN §5)
-    eval_chats: int = 32  # validation chats used for perplexity
+    eval_chats: int = 32  # validation chats used for perplexity and KL to f16
     eval_max_tokens: int = 256
+    # f16's most likely next tokens kept per target token for KL, the rest as one tail outcome
+    # (core/scoring.py): 8 KB a token on disk instead of the whole vocabulary's 201 KB at 13B.
+    kl_top_k: int = 1024
     check_prompt: str = "Привет! Расскажи о себе."
     check_new_tokens: int = 16
 
