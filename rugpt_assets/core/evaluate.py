@@ -14,6 +14,10 @@ the hidden states (tokens·n_embd) and one chunk of log-probs (256 tokens·n_voc
 the depth; only the embedding rows of tokens that occur are read. A whole float32 model would
 be 52 GB at 13B. The numbers — perplexity, KL, the f16 reference — come from `scoring`.
 
+The same pass over the merged model's safetensors (`CheckpointWeights`) gives the greedy
+tokens the f16 file must reproduce in llm-rs (`greedy_agreement`), one streamed pass per token
+with a KV cache, so that check needs no whole model in memory either.
+
 The f16 file is evaluated once per materialization: its perplexity goes to its `.eval.json`,
 what KL needs of its distributions to its `.reference.npz` (`scoring.Reference`). Every
 quantized file is compared with those, on the same evaluation set (same content hash), or not
@@ -32,6 +36,7 @@ from pathlib import Path
 import torch
 from llm_rs import GenerationConfig as LlmRsGenerationConfig
 from llm_rs import Gpt2, SessionConfig
+from safetensors import safe_open
 
 from rugpt_assets.core import ggml
 from rugpt_assets.core.artifacts import atomic_file
@@ -141,31 +146,6 @@ def generate(
     return Generation("".join(chunks), pieces, len(pieces) / max(seconds, 1e-6), ended)
 
 
-def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=dtype).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-
-
-@torch.inference_mode()
-def greedy_tokens(model, tokenizer, prompt: str, n: int) -> list[int]:
-    """n greedy next tokens (argmax, no penalties, no stop token), with the KV cache."""
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    cache, out = None, []
-    for _ in range(n):
-        step = model(input_ids=ids, cache=cache, use_cache=True)
-        cache = step.cache
-        ids = step.logits[:, -1].argmax(-1, keepdim=True)
-        out.append(int(ids))
-    return out
-
-
-def greedy_tokens_hf(model_dir: Path, prompt: str, n: int) -> list[int]:
-    model, tokenizer = load_hf(model_dir)
-    return greedy_tokens(model, tokenizer, prompt, n)
-
-
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
     """HF ids as llm-rs reports generated tokens: byte-level strings, "" for special tokens."""
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -173,11 +153,13 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def greedy_agreement(ggml_path: Path, model_dir: Path, prompt: str, n: int, threads: int) -> dict:
-    """Greedy tokens of the GGML file in llm-rs against the HF model in `model_dir`."""
+    """Greedy tokens of the GGML file in llm-rs against the merged model in `model_dir` (its
+    safetensors, streamed: `greedy_tokens`, equal to HF's GPT2LMHeadModel in the tests)."""
     from transformers import AutoTokenizer
 
-    hf_ids = greedy_tokens_hf(model_dir, prompt, n)
-    expected = token_pieces(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False), hf_ids)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    expected = token_pieces(tokenizer, greedy_tokens(CheckpointWeights(model_dir), prompt_ids, n))
     model, _ = load_llm_rs(ggml_path, threads)
     got = generate(model, prompt, n, stop_at_special=False).pieces
     matching = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
@@ -190,69 +172,150 @@ LAYER_NORM_EPS = 1e-5  # ggml's GPT-2 computes with it (HF GPT2Config's default 
 TOKENS_PER_CHUNK = 256  # target tokens per lm_head/log-softmax chunk: 51 MB of log-probs at 50272
 
 
-def _block(hidden: list[torch.Tensor], w: dict[str, torch.Tensor], n_head: int) -> None:
-    """One GPT-2 block over each chat's hidden states (tokens, n_embd), in place. GGML stores
-    the linear weights as (out, in), which is `F.linear`'s layout."""
+@dataclass(frozen=True)
+class Shape:
+    n_vocab: int
+    n_ctx: int
+    n_embd: int
+    n_head: int
+    n_layer: int
+
+
+class GGMLWeights:
+    """A GGML file's tensors, each read and dequantized to float32 when asked for."""
+
+    def __init__(self, path: Path):
+        self.name = Path(path).name
+        self.file = ggml.read_ggml(path)
+        hp = self.file.hparams
+        self.shape = Shape(hp.n_vocab, hp.n_ctx, hp.n_embd, hp.n_head, hp.n_layer)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.file.tensors[name].to_numpy())
+
+    def rows(self, name: str, ids: Sequence[int]) -> torch.Tensor:
+        return torch.from_numpy(self.file.tensors[name].rows(ids))
+
+
+class CheckpointWeights:
+    """A GPT-2 safetensors checkpoint (the merged model) read one tensor at a time, in float32,
+    under the GGML names and orientation (linear weights as (out, in))."""
+
+    def __init__(self, model_dir: Path):
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        self.name = Path(model_dir).name
+        self.plan = {name: (key, file) for name, key, file in ggml.tensor_plan(Path(model_dir), config)}
+        self.shape = Shape(config["vocab_size"], config["n_positions"], config["n_embd"], config["n_head"], config["n_layer"])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        key, file = self.plan[name]
+        with safe_open(file, framework="pt") as f:  # closed at once: an open map keeps its pages resident
+            weight = f.get_tensor(key)
+        return (weight.T if name.endswith("/w") else weight).float()
+
+    def rows(self, name: str, ids: Sequence[int]) -> torch.Tensor:
+        key, file = self.plan[name]
+        with safe_open(file, framework="pt") as f:
+            table = f.get_slice(key)
+            return torch.cat([table[i : i + 1] for i in ids]).float()
+
+
+Weights = GGMLWeights | CheckpointWeights
+KVCache = list[list[tuple[torch.Tensor, torch.Tensor] | None]]  # per layer, per sequence
+
+
+def _block(hidden: list[torch.Tensor], w: dict[str, torch.Tensor], n_head: int, cache: list | None) -> None:
+    """One GPT-2 block over each sequence's hidden states (tokens, n_embd), in place. With
+    `cache` (one entry per sequence) the keys and values of earlier calls are attended to and
+    extended: a call either starts a sequence or adds one token to it."""
     F = torch.nn.functional
-    for h in hidden:
+    for i, h in enumerate(hidden):
         n, width = h.shape
         x = F.layer_norm(h, (width,), w["ln_1/g"], w["ln_1/b"], LAYER_NORM_EPS)
-        q, k, v = (t.view(n, n_head, -1).transpose(0, 1) for t in F.linear(x, w["attn/c_attn/w"], w["attn/c_attn/b"]).split(width, -1))
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(n, width)
-        h += F.linear(attended, w["attn/c_proj/w"], w["attn/c_proj/b"])
+        qkv = F.linear(x, w["attn/c_attn/w"], w["attn/c_attn/b"]).split(width, -1)
+        q, k, v = (t.view(n, n_head, -1).transpose(0, 1) for t in qkv)
+        past = cache[i] if cache is not None else None
+        if past is not None:
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
+        if cache is not None:
+            cache[i] = (k, v)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
+        h += F.linear(attended.transpose(0, 1).reshape(n, width), w["attn/c_proj/w"], w["attn/c_proj/b"])
         x = F.layer_norm(h, (width,), w["ln_2/g"], w["ln_2/b"], LAYER_NORM_EPS)
         x = F.gelu(F.linear(x, w["mlp/c_fc/w"], w["mlp/c_fc/b"]), approximate="tanh")
         h += F.linear(x, w["mlp/c_proj/w"], w["mlp/c_proj/b"])
 
 
-def _weight(tensor: ggml.GGMLTensor) -> torch.Tensor:
-    return torch.from_numpy(tensor.to_numpy())
+def _final_states(
+    weights: Weights,
+    sequences: Sequence[Sequence[int]],
+    progress: Callable[[str], None] | None = None,
+    cache: KVCache | None = None,
+    offset: int = 0,
+) -> list[torch.Tensor]:
+    """Each sequence's hidden states after ln_f, one layer's weights in memory at a time.
+    Positions start at `offset` (the tokens already in `cache`)."""
+    shape = weights.shape
+    longest = offset + max(len(ids) for ids in sequences)
+    if longest > shape.n_ctx:
+        raise ValueError(f"{weights.name}: sequences reach {longest} tokens, past the model's {shape.n_ctx} positions")
+    used = sorted({i for ids in sequences for i in ids})
+    if used[-1] >= shape.n_vocab:
+        raise ValueError(f"{weights.name}: token id {used[-1]} is past the vocabulary of {shape.n_vocab}")
+    row_of = {token: row for row, token in enumerate(used)}
+    embeddings, positions = weights.rows("model/wte", used), weights.rows("model/wpe", range(offset, longest))
+    hidden = [embeddings[[row_of[i] for i in ids]] + positions[: len(ids)] for ids in sequences]
+    del embeddings, positions
+    for layer in range(shape.n_layer):
+        block = {name: weights.tensor(f"model/h{layer}/{name}") for name in ggml.BLOCK_TENSORS}
+        _block(hidden, block, shape.n_head, cache[layer] if cache is not None else None)
+        del block
+        if progress:
+            progress(f"{weights.name}: layer {layer + 1}/{shape.n_layer}")
+    gain, bias = weights.tensor("model/ln_f/g"), weights.tensor("model/ln_f/b")
+    for h in hidden:
+        h.copy_(torch.nn.functional.layer_norm(h, (shape.n_embd,), gain, bias, LAYER_NORM_EPS))
+    return hidden
 
 
 @torch.inference_mode()
 def target_logprobs(
-    path: Path,
+    weights: Weights,
     eval_set: EvalSet,
     tokens_per_chunk: int = TOKENS_PER_CHUNK,
     progress: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Next-token log-probs (tokens, n_vocab) and target ids (tokens,) at every target token
-    of `eval_set`, in its order, `tokens_per_chunk` at a time, computed from the GGML file's
-    own dequantized weights one layer at a time (module docstring). Equal, within float
-    rounding, to an HF GPT2LMHeadModel carrying the same weights (`ggml.ggml_to_hf_model`)."""
-    model = ggml.read_ggml(path)
-    hp, tensors = model.hparams, model.tensors
-    longest = max(len(ids) for ids, _ in eval_set.chats)
-    if longest > hp.n_ctx:
-        raise ValueError(f"{path}: evaluation chats reach {longest} tokens, past the model's {hp.n_ctx} positions")
-    used = sorted({i for ids, _ in eval_set.chats for i in ids})
-    if used[-1] >= hp.n_vocab:
-        raise ValueError(f"{path}: token id {used[-1]} is past the file's vocabulary of {hp.n_vocab}")
-
-    row_of = {token: row for row, token in enumerate(used)}
-    embeddings = torch.from_numpy(tensors["model/wte"].rows(used))
-    positions = torch.from_numpy(tensors["model/wpe"].rows(range(longest)))
-    hidden = [embeddings[[row_of[i] for i in ids]] + positions[: len(ids)] for ids, _ in eval_set.chats]
-    del embeddings, positions
-
-    for layer in range(hp.n_layer):
-        _block(hidden, {name: _weight(t) for name, t in ggml.block_tensors(model, layer).items()}, hp.n_head)
-        if progress:
-            progress(f"{Path(path).name}: layer {layer + 1}/{hp.n_layer}")
-
-    gain, bias = _weight(tensors["model/ln_f/g"]), _weight(tensors["model/ln_f/b"])
+    of `eval_set`, in its order, `tokens_per_chunk` at a time, computed one layer at a time
+    (module docstring). Equal, within float rounding, to an HF GPT2LMHeadModel carrying the
+    same weights (`ggml.ggml_to_hf_model` for a GGML file)."""
+    hidden = _final_states(weights, [ids for ids, _ in eval_set.chats], progress)
     rows, targets = [], []
     for chat, h in enumerate(hidden):
         at, ids = eval_set.targets(chat)
-        rows.append(torch.nn.functional.layer_norm(h[at], (hp.n_embd,), gain, bias, LAYER_NORM_EPS))
+        rows.append(h[at])
         targets += ids
     del hidden
     states, targets = torch.cat(rows), torch.tensor(targets)
     del rows
-    head = _weight(tensors["model/lm_head"])
+    head = weights.tensor("model/lm_head")
     for start in range(0, len(targets), tokens_per_chunk):
         chunk = slice(start, start + tokens_per_chunk)
         yield torch.log_softmax(states[chunk] @ head.T, dim=-1), targets[chunk]
+
+
+@torch.inference_mode()
+def greedy_tokens(weights: Weights, prompt_ids: Sequence[int], n: int) -> list[int]:
+    """n greedy next tokens (argmax, no penalties, no stop token), streaming the weights once
+    per token (keys and values cached)."""
+    cache: KVCache = [[None] for _ in range(weights.shape.n_layer)]
+    new, offset, out = list(prompt_ids), 0, []
+    for _ in range(n):
+        [h] = _final_states(weights, [new], cache=cache, offset=offset)
+        offset += len(new)
+        new = [int((weights.tensor("model/lm_head") @ h[-1]).argmax())]
+        out.append(new[0])
+    return out
 
 
 # ---------------------------------------------------------------------------- a file's numbers
@@ -321,7 +384,7 @@ def evaluate_ggml_file(
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(export.threads)
     try:
-        for logprobs, targets in target_logprobs(path, eval_set, progress=progress):
+        for logprobs, targets in target_logprobs(GGMLWeights(path), eval_set, progress=progress):
             scores.add(logprobs, targets)
     finally:
         torch.set_num_threads(threads)

@@ -50,6 +50,7 @@ _HEADER = struct.Struct("<7i")  # magic, n_vocab, n_ctx, n_embd, n_head, n_layer
 # on load ("not enough space in the context's memory pool").
 LLM_RS_TENSOR_ALIGN = 16
 QUANT_BLOCK = 32  # elements per block of every quantized type written here
+DEQUANTIZE_BLOCK_BYTES = 64 << 20  # float32 output per read-and-dequantize step of a tensor
 
 # HF GPT-2 parameter name (without the `transformer.` prefix) → GGML name.
 _BLOCK_NAMES = {
@@ -66,6 +67,7 @@ _BLOCK_NAMES = {
     "mlp.c_proj.weight": "mlp/c_proj/w",
     "mlp.c_proj.bias": "mlp/c_proj/b",
 }
+BLOCK_TENSORS = tuple(_BLOCK_NAMES.values())  # one transformer block's tensors, named inside `model/h{i}/`
 _BLOCK_RE = re.compile(r"h\.(\d+)\.(.+)")
 _MASK_BUFFER_RE = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -119,8 +121,19 @@ class GGMLTensor:
 
     def to_numpy(self) -> np.ndarray:
         """Dequantized to float32 in numpy order; the quantized block formats (Q4_0…Q8_0)
-        are the same bytes as GGUF's, so gguf's numpy kernels read them."""
-        return dequantize(self.data.reshape(-1, self.row_bytes), self.type).reshape(self.shape)
+        are the same bytes as GGUF's, so gguf's numpy kernels read them. Read and dequantized
+        in row blocks, so memory is the result plus one block (gguf's kernel alone would hold
+        a second float32 copy of the whole tensor)."""
+        n_rows = int(np.prod(self.ne[1:], dtype=np.int64))
+        out = np.empty((n_rows, self.ne[0]), dtype=np.float32)
+        step = max(1, DEQUANTIZE_BLOCK_BYTES // (4 * self.ne[0]))
+        raw = np.empty((min(step, n_rows), self.row_bytes), dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            for start in range(0, n_rows, step):
+                n = min(step, n_rows - start)
+                _read_exactly(f, self.offset + start * self.row_bytes, raw[:n])
+                out[start : start + n] = dequantize(raw[:n], self.type)
+        return out.reshape(self.shape)
 
     def rows(self, ids: Sequence[int]) -> np.ndarray:
         """Rows `ids` of a 2-D tensor (e.g. the embeddings of some tokens), dequantized to
@@ -153,7 +166,7 @@ class GGMLFile:
 # ---------------------------------------------------------------------------- writing
 
 
-def _tensor_plan(model_dir: Path, config: dict) -> list[tuple[str, str, Path]]:
+def tensor_plan(model_dir: Path, config: dict) -> list[tuple[str, str, Path]]:
     """(ggml name, safetensors name, file) in llm-rs's converter order; lm_head from wte when tied."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
@@ -299,7 +312,7 @@ def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = json.loads((model_dir / "config.json").read_text())
     _check_config(model_dir, config)
-    plan = _tensor_plan(model_dir, config)
+    plan = tensor_plan(model_dir, config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     try:
         vocab = tokenizer_vocab_bytes(tokenizer, config["vocab_size"])
@@ -428,11 +441,6 @@ def file_figures(path: Path, f16_path: Path) -> dict:
         "ratio_to_f16": size / Path(f16_path).stat().st_size,
         "sha256": sha256_file(path),
     }
-
-
-def block_tensors(ggml: GGMLFile, layer: int) -> dict[str, GGMLTensor]:
-    """One transformer block's tensors by their name inside the block (`attn/c_attn/w`, …)."""
-    return {name: ggml.tensors[f"model/h{layer}/{name}"] for name in _BLOCK_NAMES.values()}
 
 
 def iter_hf_state_dict(ggml: GGMLFile) -> Iterator[tuple[str, torch.Tensor]]:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from rugpt_assets.core import evaluate, ggml
-from rugpt_assets.core.chat_template import IGNORE_INDEX
+from rugpt_assets.core.chat_template import IGNORE_INDEX, render_prompt
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, TRAIN_CONFIG_FILE, ExportConfig
 from rugpt_assets.core.quantize import QuantType, quantize_ggml
 from rugpt_assets.core.scoring import EvalSet, Reference, Scores, build_eval_set
@@ -41,10 +41,9 @@ def q4_0(export):
 
 
 @torch.inference_mode()
-def hf_logprobs(path, model_dir, eval_set: EvalSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """The oracle: the whole file as an HF GPT2LMHeadModel, one chat per forward, log-softmax at
-    the positions whose next label is a target."""
-    model = ggml.ggml_to_hf_model(path, model_dir)
+def hf_logprobs(model, eval_set: EvalSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: a whole HF GPT2LMHeadModel (for a file: `ggml.ggml_to_hf_model`), one chat
+    per forward, log-softmax at the positions whose next label is a target."""
     rows, targets = [], []
     for ids, labels in eval_set.chats:
         next_labels = torch.tensor(labels[1:])
@@ -56,7 +55,8 @@ def hf_logprobs(path, model_dir, eval_set: EvalSet) -> tuple[torch.Tensor, torch
 
 
 def streamed(path, eval_set: EvalSet, tokens_per_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    chunks = list(evaluate.target_logprobs(path, eval_set, tokens_per_chunk))
+    weights = evaluate.GGMLWeights(path) if path.is_file() else evaluate.CheckpointWeights(path)
+    chunks = list(evaluate.target_logprobs(weights, eval_set, tokens_per_chunk))
     assert all(len(t) <= tokens_per_chunk for _, t in chunks) and len(chunks) > 1
     return torch.cat([lp for lp, _ in chunks]), torch.cat([t for _, t in chunks])
 
@@ -75,7 +75,7 @@ def scores(logprobs: torch.Tensor, targets: torch.Tensor, chunk: int, **kwargs) 
 
 def test_streamed_logprobs_equal_the_whole_model(export, eval_set, q4_0):
     """Demo model, f16 and Q4_0: same log-probs, perplexity and KL as the HF model of each file."""
-    oracle = {p: hf_logprobs(p, export.model_dir, eval_set) for p in (export.f16, q4_0)}
+    oracle = {p: hf_logprobs(ggml.ggml_to_hf_model(p, export.model_dir), eval_set) for p in (export.f16, q4_0)}
     ours = {p: streamed(p, eval_set, tokens_per_chunk=37) for p in (export.f16, q4_0)}
     for path in oracle:
         torch.testing.assert_close(ours[path][1], oracle[path][1], rtol=0, atol=0)
@@ -92,19 +92,43 @@ def test_streamed_logprobs_equal_the_whole_model(export, eval_set, q4_0):
     assert kl.reference_tail_mass == 0
 
 
+def hf_model(model_dir):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    ids, cache, out = torch.tensor([prompt_ids]), None, []
+    for _ in range(n):
+        step = model(input_ids=ids, cache=cache, use_cache=True)
+        cache = step.cache
+        ids = step.logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(ids))
+    return out
+
+
 def test_f16_file_scores_like_the_original_model(export, eval_set):
     """The f16 file, streamed, against the merged HF model it was written from: equal up to f16
-    rounding of the weights."""
-    model = evaluate.load_hf(export.model_dir)[0]
-    rows, targets = [], []
-    with torch.inference_mode():
-        for ids, labels in eval_set.chats:
-            next_labels = torch.tensor(labels[1:])
-            keep = next_labels != IGNORE_INDEX
-            rows.append(model(input_ids=torch.tensor([ids])).logits[0, :-1][keep].log_softmax(-1))
-            targets.append(next_labels[keep])
-    original = scores(torch.cat(rows), torch.cat(targets), 256).perplexity
-    assert scores(*streamed(export.f16, eval_set, 100), 256).perplexity == pytest.approx(original, rel=1e-3)
+    rounding of the weights; the merged checkpoint itself, streamed, equal to HF."""
+    original = hf_logprobs(hf_model(export.model_dir), eval_set)
+    checkpoint = streamed(export.model_dir, eval_set, 100)
+    assert torch.equal(checkpoint[1], original[1]) and (checkpoint[0] - original[0]).abs().max() < 1e-4
+    perplexity = scores(*original, 256).perplexity
+    assert scores(*streamed(export.f16, eval_set, 100), 256).perplexity == pytest.approx(perplexity, rel=1e-3)
+
+
+def test_streamed_greedy_tokens_equal_hf(export):
+    """The greedy reference of the f16 check: the merged checkpoint streamed with a KV cache
+    gives HF's greedy tokens."""
+    model, tokenizer = hf_model(export.model_dir), AutoTokenizer.from_pretrained(export.model_dir)
+    weights = evaluate.CheckpointWeights(export.model_dir)
+    for chat in export.val_chats[:3]:
+        prompt = tokenizer(render_prompt(chat["messages"][:1]), add_special_tokens=False).input_ids
+        expected = hf_greedy(model, prompt, 12)
+        assert evaluate.greedy_tokens(weights, prompt, 12) == expected
+        assert len(set(expected)) > 2  # not one token repeated: the cache's positions matter
 
 
 def test_streamed_equals_the_whole_model_on_a_random_deep_gpt2(export, tmp_path):
@@ -113,8 +137,11 @@ def test_streamed_equals_the_whole_model_on_a_random_deep_gpt2(export, tmp_path)
     quantized = quantize_ggml(tmp_path / "deep.bin", QuantType.Q5_1, tmp_path / "deep-q5_1.bin").path
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "deep")
     chats = build_eval_set(export.val_chats, tokenizer, 200, "Системный промпт.", 6)
-    for path in (tmp_path / "deep.bin", quantized):
-        ours, oracle = streamed(path, chats, tokens_per_chunk=64), hf_logprobs(path, tmp_path / "deep", chats)
+    # the GGML files, and the float32 checkpoint itself (Conv1D weights turned to (out, in))
+    for path, model in [(tmp_path / "deep.bin", ggml.ggml_to_hf_model(tmp_path / "deep.bin", tmp_path / "deep")),
+                        (quantized, ggml.ggml_to_hf_model(quantized, tmp_path / "deep")),
+                        (tmp_path / "deep", hf_model(tmp_path / "deep"))]:  # fmt: skip
+        ours, oracle = streamed(path, chats, tokens_per_chunk=64), hf_logprobs(model, chats)
         assert torch.equal(ours[1], oracle[1])
         assert (ours[0] - oracle[0]).abs().max() < 1e-4, path
 
@@ -232,7 +259,7 @@ from rugpt_assets.core.scoring import EvalSet
 eval_set = EvalSet.of([(list(range(4, 200)), [-100] + list(range(5, 200)))] * 4, "")
 open('/proc/self/clear_refs', 'w').write('5')
 before = psutil.Process().memory_info().rss
-for _ in evaluate.target_logprobs(sys.argv[1], eval_set):
+for _ in evaluate.target_logprobs(evaluate.GGMLWeights(sys.argv[1]), eval_set):
     pass
 print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024 - before)
 """
