@@ -36,16 +36,12 @@ GB = 1e9
 RUGPT35 = {"n_embd": 5120, "n_layer": 40, "vocab": 50272}
 
 
-def prepare(work: Path, spec: dict, quant: str) -> None:
+def prepare(work: Path, spec: dict) -> None:
     from rugpt_assets import settings
-    from rugpt_assets.core import ggml
     from rugpt_assets.core.demo_model import sample_texts, train_tokenizer
-    from rugpt_assets.core.quantize import QuantType, quantize_ggml
 
     build(work, **spec)
     train_tokenizer(list(sample_texts(settings.BUNDLED_SAMPLES_DIR)), 4096).save_pretrained(work / "model")
-    ggml.write_ggml_f16(work / "model", work / "model-f16.bin")
-    quantize_ggml(work / "model-f16.bin", QuantType[quant], work / f"model-{quant.lower()}.bin")
 
 
 def eval_set(work: Path, chats: int):
@@ -61,11 +57,12 @@ def eval_set(work: Path, chats: int):
     return build_eval_set(saiga, tokenizer, ExportConfig().eval_max_tokens, DEFAULT_SYSTEM_PROMPT, chats)
 
 
-def child(step: str, work: Path, chats: int, threads: int) -> dict:
+def child(step: str, work: Path, chats: int, threads: int, quant: str) -> dict:
     import torch
 
-    from rugpt_assets.core import evaluate
+    from rugpt_assets.core import evaluate, ggml
     from rugpt_assets.core.configs import ExportConfig
+    from rugpt_assets.core.quantize import QuantType, quantize_ggml
     from rugpt_assets.core.scoring import Reference, Scores
 
     torch.set_num_threads(threads)
@@ -74,7 +71,11 @@ def child(step: str, work: Path, chats: int, threads: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # the peak from here: after imports and tokenization
     result = {"runtime_gb": rss_gb("VmRSS")}
     start = time.perf_counter()
-    if step == "greedy":
+    if step == "write f16":
+        ggml.write_ggml_f16(work / "model", work / "model-f16.bin")
+    elif step == f"quantize {quant}":
+        quantize_ggml(work / "model-f16.bin", QuantType[quant], work / f"model-{quant.lower()}.bin")
+    elif step == "greedy":
         prompt = list(chat_tokens.chats[0][0][:64])
         result["tokens"] = len(evaluate.greedy_tokens(evaluate.CheckpointWeights(work / "model"), prompt, 16))
     elif step.startswith("llm-rs "):
@@ -96,9 +97,9 @@ def child(step: str, work: Path, chats: int, threads: int) -> dict:
     return result
 
 
-def run_child(step: str, work: Path, chats: int, threads: int) -> dict:
+def run_child(step: str, work: Path, chats: int, threads: int, quant: str) -> dict:
     cmd = [sys.executable, __file__, "--work-dir", str(work), "--threads", str(threads), "--chats", str(chats),
-           "--child", step]  # fmt: skip
+           "--quant", quant, "--child", step]  # fmt: skip
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -151,28 +152,28 @@ def main() -> None:
     work = args.work_dir
     if args.child:
         if args.child == "prepare":
-            prepare(work, json.loads((work / "spec.json").read_text())["spec"], args.quant)
+            prepare(work, json.loads((work / "spec.json").read_text()))
             print(json.dumps({}))
         else:
-            print(json.dumps(child(args.child, work, args.chats, args.threads)))
+            print(json.dumps(child(args.child, work, args.chats, args.threads, args.quant)))
         return
 
     spec = {k: getattr(args, k) for k in ("n_embd", "n_layer", "n_head", "vocab", "n_positions")}
-    wanted = {"spec": spec, "quant": args.quant}
     spec_file = work / "spec.json"
-    if not spec_file.exists() or json.loads(spec_file.read_text()) != wanted or not (work / "done").exists():
+    if not spec_file.exists() or json.loads(spec_file.read_text()) != spec or not (work / "built").exists():
         subprocess.run(["rm", "-rf", str(work)], check=True)
         work.mkdir(parents=True)
-        spec_file.write_text(json.dumps(wanted))
+        spec_file.write_text(json.dumps(spec))
         start = time.perf_counter()
-        run_child("prepare", work, args.chats, args.threads)
-        (work / "done").touch()
-        print(f"built f16 and {args.quant} files in {time.perf_counter() - start:.0f} s")
+        run_child("prepare", work, args.chats, args.threads, args.quant)
+        (work / "built").touch()
+        print(f"built the model in {time.perf_counter() - start:.0f} s")
+
+    steps = ["write f16", f"quantize {args.quant}", "f16", args.quant, "greedy"]
+    steps += ["llm-rs f16", f"llm-rs {args.quant}"] if args.llm_rs else []
+    results = {step: run_child(step, work, args.chats, args.threads, args.quant) for step in steps}
     sizes = {p.name: p.stat().st_size / GB for p in sorted(work.glob("model-*.bin"))}
     print(f"model: {spec}; files: " + ", ".join(f"{n} {s:.2f} GB" for n, s in sizes.items()))
-
-    steps = ["f16", args.quant, "greedy"] + (["llm-rs f16", f"llm-rs {args.quant}"] if args.llm_rs else [])
-    results = {step: run_child(step, work, args.chats, args.threads) for step in steps}
     print(f"evaluation set: {args.chats} chats, {results['f16']['tokens']} target tokens; threads {args.threads}")
     print("| step | wall s | peak RSS GB (runtime before) | notes |")
     print("|---|---|---|---|")
@@ -181,6 +182,8 @@ def main() -> None:
             notes = f"load {r['load_s']:.1f} s, {r['tokens_per_s']:.2f} tokens/s; at the end RssAnon {r.get('RssAnon', 0):.2f} GB, RssFile {r.get('RssFile', 0):.2f} GB"
         elif step == "greedy":
             notes = f"{r['tokens']} greedy tokens from the merged safetensors after a 64-token prompt"
+        elif step in ("write f16", f"quantize {args.quant}"):
+            notes = "the export step itself, for the node's size"
         elif step == "f16":
             notes = f"perplexity {r['perplexity']:.1f}; reference written"
         else:
