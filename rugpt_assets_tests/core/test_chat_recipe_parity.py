@@ -377,7 +377,7 @@ class HubRows:
             "context": maybe_null(self.text(self.rng.choice([0, 50, 300]), bad=0.03)),
             # rulm reads these on one draw in five: a null then stops it
             "greeting": None if self.stopper(0.2) else self.text(30, bad=0.05),
-            "example_dialogue": None if self.stopper(0.2) else example,
+            "example_dialogue": None if self.stopper(0.2) else self.rng.choice([example, example, [], "", {}]),
             "dialogues": dialogues,
         }
 
