@@ -141,12 +141,17 @@ def describe(identity: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in identity.items())
 
 
+MANIFEST_KEYS = {"identity", "content_sha256", "files", "summary"}
+
+
 def read_manifest(model_dir: Path) -> dict[str, Any] | None:
+    """The snapshot's manifest, or None when there is none or it is not one written here."""
     path = Path(model_dir) / SNAPSHOT_MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return manifest if isinstance(manifest, dict) and MANIFEST_KEYS <= manifest.keys() else None
 
 
 def snapshot_problem(model_dir: Path, identity: dict[str, Any]) -> str | None:
