@@ -7,7 +7,7 @@ import dagster as dg
 
 from rugpt_assets import settings
 from rugpt_assets.core import evaluate, ggml
-from rugpt_assets.core.artifacts import atomic_file, read_jsonl
+from rugpt_assets.core.artifacts import atomic_file, read_jsonl, require_upstream
 from rugpt_assets.core.configs import ExportConfig
 from rugpt_assets.core.quantize import QuantType, quantize_ggml
 from rugpt_assets.defs.automation import retrain_condition
@@ -95,8 +95,12 @@ def ggml_f16(
     context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     export = settings.config_to_dataclass(config, ExportConfig)
-    path = storage.layout.ggml_f16
-    ggml.write_ggml_f16(storage.layout.merged_model, path)
+    layout = storage.layout
+    require_upstream(
+        "ggml_f16", {"merged_model": [layout.merged_model / "config.json"], "chat_set": [layout.chat_set / "val.jsonl"]}
+    )
+    path = layout.ggml_f16
+    ggml.write_ggml_f16(layout.merged_model, path)
     numbers = _evaluate(path, storage, export)
     context.log.info(f"f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
     return dg.MaterializeResult(
