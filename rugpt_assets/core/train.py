@@ -51,7 +51,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from rugpt_assets.core import base_model
 from rugpt_assets.core.artifacts import atomic_dir, atomic_file, read_jsonl, sha256_file
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
-from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
+from rugpt_assets.core.configs import TRAIN_CONFIG_FILE, TrainConfig, from_dict, to_dict
 from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
 
 log = logging.getLogger(__name__)
@@ -493,7 +493,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict[str, Any], png: bytes) -> None:
     """adapter_config.json, adapter_model.safetensors, tokenizer, generation_config.json (from the
-    base), metrics.json and loss_curve.png; checked, then renamed into place."""
+    base), the TrainConfig (train_config.json), metrics.json and loss_curve.png; checked, then
+    renamed into place."""
     with atomic_dir(job.output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -502,6 +503,7 @@ def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict
             shutil.copy2(generation, tmp / generation.name)
         (tmp / "loss_curve.png").write_bytes(png)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(to_dict(job.config), indent=2, ensure_ascii=False), encoding="utf-8")
         saved = load_file(tmp / "adapter_model.safetensors")
         if len(saved) != len(trainable(model)) or not all(t.isfinite().all() for t in saved.values()):
             raise RuntimeError(f"adapter written to {tmp} is incomplete or not finite")

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rugpt_assets.core.artifacts import write_jsonl
 from rugpt_assets.core.base_model import ensure_snapshot
-from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, TrainConfig
+from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, TRAIN_CONFIG_FILE, TrainConfig, to_dict
 from rugpt_assets.core.demo_model import DemoModelSpec, build_demo_model
 from rugpt_assets.core.train import (
     PipesReporter,
@@ -125,6 +125,8 @@ def test_training_beats_the_base_model_and_the_adapter_loads(inputs, tmp_path):
     assert (adapter / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((adapter / "metrics.json").read_text()) == json.loads(json.dumps(m))
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    # What it was trained with, for the export's evaluation (the system prompt) and for people.
+    assert json.loads((adapter / TRAIN_CONFIG_FILE).read_text(encoding="utf-8")) == to_dict(job.config)
 
     # The written adapter, loaded the standard way, reproduces both reported eval losses.
     base = AutoModelForCausalLM.from_pretrained(inputs / "base", dtype=torch.float32)
