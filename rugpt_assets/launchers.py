@@ -1,9 +1,12 @@
 """A run launcher that sends GPU runs to one launcher and all other runs to another.
 
-A run is a GPU run when any step it executes is in one of `gpu_pools` (assets declare
-`pool="gpu"`). Locally both sides are usually `DefaultRunLauncher`; on Kubernetes both are
-`dagster_k8s.K8sRunLauncher`, the GPU one placing run pods per `GPU_POD`. Configure it in
-dagster.yaml:
+A run is a GPU run when every step it executes is in one of `gpu_pools` (assets declare
+`pool="gpu"`), a CPU run when none is. A run that mixes the two is refused: the GPU assets live
+in their own code location (`rugpt_assets.gpu_definitions`) and a run never spans two code
+locations, so only a misplaced asset can make one, and running it would hold a GPU for CPU work
+(docs/ARCHITECTURE.md, "Compute routing"). Locally both sides are usually `DefaultRunLauncher`;
+on Kubernetes both are `dagster_k8s.K8sRunLauncher`, the GPU one placing run pods per `GPU_POD`.
+Configure it in dagster.yaml:
 
     run_launcher:
       module: rugpt_assets.launchers
@@ -20,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
-from dagster import DagsterInvalidConfigError, Field
+from dagster import DagsterInvalidConfigError, DagsterInvariantViolationError, Field
 from dagster._core.instance.config import configurable_class_schema
 from dagster._core.launcher import LaunchRunContext, ResumeRunContext, RunLauncher
 from dagster._core.launcher.base import CheckRunHealthResult
@@ -39,13 +42,10 @@ GPU_POD: Mapping[str, Any] = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
 }
-# The same pod as `base_pod_spec` for `PipesK8sClient.run(image=..., command=...)`, which copies
-# it rather than changing it. Add the artifact volume: the run pods get theirs from the code
-# location, this pod does not. A run pod that starts it should not hold a GPU itself.
-GPU_POD_SPEC: Mapping[str, Any] = {
-    **GPU_POD["pod_spec_config"],
-    "containers": [GPU_POD["container_config"]],
-}
+
+
+class MixedRunError(DagsterInvariantViolationError):
+    """A run with steps both in and outside the GPU pools: the GPU side must not run it, nor the CPU side."""
 
 
 def _load_launcher(side: str, spec: Mapping[str, Any]) -> RunLauncher:
@@ -102,11 +102,25 @@ class RoutingRunLauncher(RunLauncher, ConfigurableClass):
             launcher.register_instance(instance)
 
     def side_for(self, run: DagsterRun) -> str:
-        """The side a run goes to, "gpu" or "cpu". `run_op_concurrency.all_pools` is what
-        `create_run` read from the execution plan snapshot: the pools of the steps this run
-        executes, nothing else."""
-        pools = (run.run_op_concurrency.all_pools if run.run_op_concurrency else None) or ()
-        return "gpu" if self.gpu_pools.intersection(pools) else "cpu"
+        """The side a run goes to: "gpu" when every step it executes is in a GPU pool, "cpu"
+        when none is. The pools come from the run's execution plan snapshot (the steps this run
+        executes, nothing else); a step without a pool is not a GPU step."""
+        plan = self._instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+        executed = set(plan.step_keys_to_execute)
+        pools = {step.key: step.pool for step in plan.steps if step.key in executed}
+        gpu_steps = sorted(key for key, pool in pools.items() if pool in self.gpu_pools)
+        if not gpu_steps:
+            return "cpu"
+        other_steps = sorted(set(pools) - set(gpu_steps))
+        if other_steps:
+            raise MixedRunError(
+                f"Run {run.run_id} of job {run.job_name!r} mixes GPU steps ({', '.join(gpu_steps)}) with "
+                f"steps outside the pools {sorted(self.gpu_pools)} ({', '.join(other_steps)}), so neither "
+                "launcher takes it. GPU assets belong in the GPU code location "
+                "(rugpt_assets.gpu_definitions) and everything else outside it; a run never spans two "
+                "code locations."
+            )
+        return "gpu"
 
     def _started(self, run: DagsterRun) -> RunLauncher:
         # Runs launched before this launcher was configured carry no tag: route them afresh.
