@@ -10,17 +10,9 @@ import yaml
 
 from rugpt_assets import definitions, gpu_definitions
 from rugpt_assets.core.quantize import QuantType
-from rugpt_assets.launchers import RoutingRunLauncher
+from rugpt_assets_tests.pools import GPU_POOL, step_pools
 
 ROOT = Path(__file__).resolve().parents[2]
-LOCATIONS = {"rugpt_assets": definitions.defs, "rugpt_assets_gpu": gpu_definitions.defs}
-GPU_POOLS = set(RoutingRunLauncher.config_type()["gpu_pools"].default_value)
-
-
-def step_pools(defs: dg.Definitions) -> dict[str, str | None]:
-    """Every op a run of this location can execute (assets, observations, checks), with its pool."""
-    job = defs.resolve_implicit_global_asset_job_def()
-    return {node.name: node.definition.pool for node in job.graph.nodes}
 
 
 def materializable(defs: dg.Definitions) -> set[str]:
@@ -40,7 +32,7 @@ def test_gpu_location_holds_gpu_steps_only_and_the_cpu_location_none():
     assert gpu_definitions.defs.resolve_asset_graph().asset_check_keys == {
         dg.AssetCheckKey(dg.AssetKey("lora_adapter"), "eval_loss_below_base")
     }
-    assert not GPU_POOLS & set(cpu_steps.values())
+    assert GPU_POOL not in set(cpu_steps.values())
     assert {name for name, pool in cpu_steps.items() if pool == "cpu"} == materializable(definitions.defs)
 
 

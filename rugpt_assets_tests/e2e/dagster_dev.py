@@ -67,7 +67,8 @@ def _start_new_session_with_default_signals() -> None:
 
 @contextlib.contextmanager
 def dagster_dev(home: Path, env: dict[str, str] | None = None, timeout_s: float = 120) -> Iterator[DagsterDev]:
-    """`dagster dev` with the project's dagster.yaml in `home` (also its cwd); stopped on exit."""
+    """`dagster dev` with the project's dagster.yaml in `home` (also its cwd) and both code
+    locations of workspace.yaml; stopped on exit."""
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
     port = free_port()
@@ -81,7 +82,7 @@ def dagster_dev(home: Path, env: dict[str, str] | None = None, timeout_s: float 
     bin_dir = Path(sys.executable).parent
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-m", "rugpt_assets.definitions"],
+            [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", str(PROJECT_ROOT / "workspace.yaml")],
             cwd=home,
             env=full_env,
             stdout=log,
