@@ -49,7 +49,10 @@ class Run:
 
     @property
     def partition(self) -> str | None:
-        return self.tags.get("dagster/partition")
+        """The partition, or range `start...end`, it materialized (backfills tag ranges)."""
+        start = self.tags.get("dagster/asset_partition_range_start")
+        end = self.tags.get("dagster/asset_partition_range_end")
+        return self.tags.get("dagster/partition") or (start if start == end else f"{start}...{end}")
 
     def describe(self) -> str:
         return f"{self.job}@{self.location} {sorted(self.assets)} {self.partition or ''} on {self.launcher} {self.status}"
