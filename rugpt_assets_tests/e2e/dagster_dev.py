@@ -20,6 +20,20 @@ from typing import TypeVar
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
+LAUNCH_BACKFILL = """
+mutation ($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
+BACKFILL_STATUS = """
+query ($id: String!) {
+  partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } }
+}"""
+UNFINISHED_BACKFILL = {"REQUESTED", "CANCELING", "FAILING"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -44,6 +58,19 @@ class DagsterDev:
         if body.get("errors"):
             raise AssertionError(f"GraphQL errors: {body['errors']}")
         return body["data"]
+
+    def backfill(self, params: dict, timeout_s: float) -> tuple[str, str]:
+        """Launch an asset backfill (`launchPartitionBackfill`, as the UI does) and wait for it to
+        end; return its id and final status."""
+        launched = self.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        backfill_id = launched["backfillId"]
+
+        def finished_status():
+            status = self.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]["status"]
+            return status not in UNFINISHED_BACKFILL and status
+
+        return backfill_id, self.wait_until(finished_status, f"backfill {backfill_id} to finish", timeout_s)
 
     def log_tail(self, n: int = 80) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

@@ -34,7 +34,7 @@ query ($filter: RunsFilter) {
 class Run:
     id: str
     job: str
-    location: str
+    location: str | None  # None: executed in a process of its own, not from a code location
     status: str
     created: float
     started: float | None
@@ -66,7 +66,7 @@ def runs(server: DagsterDev, created_after: float | None = None) -> list[Run]:
         Run(
             id=r["runId"],
             job=r["jobName"],
-            location=r["repositoryOrigin"]["repositoryLocationName"],
+            location=(r["repositoryOrigin"] or {}).get("repositoryLocationName"),
             status=r["status"],
             created=r["creationTime"],
             started=r["startTime"],

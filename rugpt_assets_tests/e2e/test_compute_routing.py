@@ -7,6 +7,7 @@ executes `gpu`-pool steps only; a second training waits QUEUED until the first h
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,18 +24,6 @@ GPU_LOCATION, CPU_LOCATION = "rugpt_assets_gpu", "rugpt_assets"
 
 # What the UI loads before it decides how to launch (LaunchAssetExecutionButton).
 ASSET_NODES = """{ assetNodes { assetKey { path } isObservable isExecutable repository { location { name } } } }"""
-# What the UI's "Materialize all" sends for assets of two code locations, partitioned among
-# them: one asset backfill of every partition (LaunchAssetChoosePartitionsDialog, target pureAll).
-LAUNCH_BACKFILL = """
-mutation ($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-  }
-}"""
-BACKFILL_STATUS = """
-query ($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }"""
 # The launchpad's "Launch run".
 LAUNCH_RUN = """
 mutation ($params: ExecutionParams!) {
@@ -57,13 +46,12 @@ def env_for(home: Path) -> dict[str, str]:
     return {**home_env(home), "RUGPT_DEMO_TRAIN_STEPS": "6"}
 
 
-def wait_for_runs(server: DagsterDev, run_ids: list[str], timeout_s: float = 900) -> list[Run]:
+def wait_for_run(server: DagsterDev, run_id: str, timeout_s: float = 900) -> Run:
     def finished():
-        by_id = {r.id: r for r in runs(server)}
-        done = [by_id[i] for i in run_ids if i in by_id and by_id[i].status in FINISHED]
-        return len(done) == len(run_ids) and done
+        run = next((r for r in runs(server) if r.id == run_id), None)
+        return run if run and run.status in FINISHED else None
 
-    return server.wait_until(finished, f"runs {run_ids} to finish", timeout_s=timeout_s)
+    return server.wait_until(finished, f"run {run_id} to finish", timeout_s=timeout_s)
 
 
 def materialized_since(server: DagsterDev, asset: str, since: float) -> set[str | None]:
@@ -80,15 +68,11 @@ def test_materialize_all_runs_each_location_on_its_own_launcher(fresh_home):
         nodes = server.graphql(ASSET_NODES)["assetNodes"]
         selected = [n for n in nodes if n["isExecutable"] and not n["isObservable"]]  # as the UI filters
         assert {n["repository"]["location"]["name"] for n in selected} == {CPU_LOCATION, GPU_LOCATION}
+        # What the UI's "Materialize all" sends for assets of two code locations, partitioned among
+        # them: one asset backfill of every partition (LaunchAssetChoosePartitionsDialog, target pureAll).
         params = {"assetSelection": [n["assetKey"] for n in selected], "allPartitions": True, "tags": []}
-        launched = server.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
-        assert launched["__typename"] == "LaunchBackfillSuccess", launched
-
-        def finished_status():
-            status = server.graphql(BACKFILL_STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]["status"]
-            return status not in {"REQUESTED", "CANCELING", "FAILING"} and status
-
-        assert server.wait_until(finished_status, "the backfill to finish", timeout_s=1500) == "COMPLETED_SUCCESS"
+        backfill_id, status = server.backfill(params, timeout_s=1500)
+        assert status == "COMPLETED_SUCCESS"
         recorded = runs(server, created_after=started)
 
         for node in selected:
@@ -96,7 +80,7 @@ def test_materialize_all_runs_each_location_on_its_own_launcher(fresh_home):
             expected = {q.name for q in QuantType} if asset == "ggml_quantized" else {None}
             assert materialized_since(server, asset, started) == expected, asset
 
-    backfill = [r for r in recorded if r.tags.get("dagster/backfill") == launched["backfillId"]]
+    backfill = [r for r in recorded if r.tags.get("dagster/backfill") == backfill_id]
     assert_routed_by_pool(recorded)
     (training,) = [r for r in backfill if r.launcher == "gpu"]
     assert (training.location, training.steps) == (GPU_LOCATION, {"lora_adapter"})
@@ -123,7 +107,7 @@ def launch_from_launchpad(server: DagsterDev, location: str, job: str) -> str:
 
 
 def launch_from_cli(home: Path, location: str, job: str, *args: str) -> str:
-    run_id = f"cli-{job}-{int(time.time() * 1000)}"
+    run_id = str(uuid.uuid4())
     result = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "job", "launch", "-w", str(PROJECT_ROOT / "workspace.yaml"),
          "-l", location, "-j", job, "--run-id", run_id, *args],
@@ -155,17 +139,15 @@ def test_jobs_from_the_launchpad_and_the_cli_and_a_second_training_waits_queued(
         assert by_id[first].status == by_id[second].status == "SUCCESS"
         assert by_id[second].started >= by_id[first].ended
 
-        # The CPU jobs from the command line (through the queue and the router, like the UI).
-        cli_runs = [
-            launch_from_cli(fresh_home, CPU_LOCATION, "prepare"),
-            launch_from_cli(fresh_home, CPU_LOCATION, "export"),
-            launch_from_cli(fresh_home, CPU_LOCATION, "quantize", "--tags", '{"dagster/partition": "Q5_1"}'),
-        ]
-        for run in wait_for_runs(server, cli_runs):
+        # The CPU jobs from the command line (through the queue and the router, like the UI), in
+        # dependency order.
+        for job, *args in [("prepare",), ("export",), ("quantize", "--tags", '{"dagster/partition": "Q5_1"}')]:
+            run = wait_for_run(server, launch_from_cli(fresh_home, CPU_LOCATION, job, *args))
             assert run.status == "SUCCESS", run.describe()
         recorded = runs(server, created_after=started)
 
-    assert sorted((r.job, r.location, r.launcher) for r in recorded) == [
+    launched = [r for r in recorded if r.job != "observe_sources"]  # the hourly schedule may fire meanwhile
+    assert sorted((r.job, r.location, r.launcher) for r in launched) == [
         ("export", CPU_LOCATION, "cpu"), ("prepare", CPU_LOCATION, "cpu"), ("quantize", CPU_LOCATION, "cpu"),
         ("train", GPU_LOCATION, "gpu"), ("train", GPU_LOCATION, "gpu"),
     ]
