@@ -46,7 +46,7 @@ TRAINED_ASSET = "lora_adapter"
 WHOLE_GRAPH_JOB = "train_and_export"
 
 # The demo profile's training, shorter, with a checkpoint every 4 steps.
-TRAIN_OVERRIDES = {"max_steps": 24, "save_steps": 4, "eval_steps": 12}
+TRAIN_OVERRIDES = {"max_steps": 16, "save_steps": 4, "eval_steps": 8}
 TRAIN_CONFIG = replace(settings.active_profile().train, **TRAIN_OVERRIDES)
 RUN_CONFIG = {"ops": {TRAINED_ASSET: {"config": TRAIN_OVERRIDES}}}
 
