@@ -41,6 +41,27 @@ def download_base_model(repo: str, revision: str, out_dir: Path, token: str | No
     return info.sha
 
 
+def copy_local_snapshot(src_dir: Path, out_dir: Path) -> str:
+    """Copy a hub snapshot already on disk (a mirror, or a model written locally) into `out_dir`:
+    the files a download would take, `.bin` shards converted. Returns the source path, which
+    stands for the revision."""
+    import fnmatch
+    import shutil
+
+    src_dir = Path(src_dir).resolve()
+    names = sorted(p.name for p in src_dir.iterdir() if p.is_file()) if src_dir.is_dir() else []
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    patterns = OTHER_PATTERNS + (WEIGHT_PATTERNS if has_safetensors else BIN_PATTERNS)
+    chosen = [n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in patterns)]
+    if not any(n.endswith((".safetensors", ".bin")) for n in chosen) or "config.json" not in chosen:
+        raise FileNotFoundError(f"{src_dir} holds no model snapshot (config.json and *.safetensors or *.bin shards)")
+    for name in chosen:
+        shutil.copyfile(src_dir / name, Path(out_dir) / name)
+    if not has_safetensors:
+        convert_bin_to_safetensors(Path(out_dir))
+    return str(src_dir)
+
+
 def convert_bin_to_safetensors(model_dir: Path) -> None:
     """Rewrite `pytorch_model*.bin` shards as `model*.safetensors`, one shard in memory at a time."""
     import torch

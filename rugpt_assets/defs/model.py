@@ -3,13 +3,14 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import dagster as dg
 
 from rugpt_assets import settings
 from rugpt_assets.core import demo_model, merge, train
 from rugpt_assets.core.artifacts import atomic_dir, sha256_tree
-from rugpt_assets.core.base_model import apply_rugpt_fixes, download_base_model
+from rugpt_assets.core.base_model import apply_rugpt_fixes, copy_local_snapshot, download_base_model
 from rugpt_assets.core.configs import MergeConfig, TrainConfig
 from rugpt_assets.defs.automation import retrain_condition, training_condition
 from rugpt_assets.defs.resources import StorageResource, TrainerResource
@@ -22,6 +23,8 @@ MergeRunConfig = settings.launchpad_config("MergeRunConfig", PROFILE.merge)
 class BaseModelConfig(dg.Config):
     repo: str | None = PROFILE.base_model_repo  # None: the tiny demo GPT-2 built here
     revision: str = PROFILE.base_model_revision
+    # A snapshot on disk (RUGPT_BASE_MODEL_DIR) instead of the hub: copied, not downloaded.
+    local_dir: str | None = str(PROFILE.base_model_dir) if PROFILE.base_model_dir else None
     token_env_var: str = "HF_TOKEN"
 
 
@@ -33,7 +36,8 @@ class BaseModelConfig(dg.Config):
     code_version="1",
     description=(
         "The base model as safetensors: a pinned snapshot of `ai-forever/ruGPT-3.5-13B` with the "
-        "seed's tokenizer/generation fixes (profile `rugpt35`), or a tiny deterministic GPT-2 with "
+        "seed's tokenizer/generation fixes (profile `rugpt35`; `RUGPT_BASE_MODEL_DIR` copies a snapshot "
+        "already on disk instead of downloading), or a tiny deterministic GPT-2 with "
         "the same special tokens trained on the bundled samples (profile `demo`). "
         "Directory: `<storage>/base_model/`."
     ),
@@ -43,7 +47,11 @@ def base_model(
 ) -> dg.MaterializeResult:
     target = storage.layout.base_model
     with atomic_dir(target) as tmp:
-        if config.repo:
+        if config.local_dir:
+            context.log.info(f"copying the snapshot in {config.local_dir}")
+            summary = {"repo": config.repo or "", "revision": copy_local_snapshot(Path(config.local_dir), tmp)}
+            apply_rugpt_fixes(tmp)
+        elif config.repo:
             context.log.info(f"downloading {config.repo}@{config.revision}")
             revision = download_base_model(config.repo, config.revision, tmp, os.environ.get(config.token_env_var))
             apply_rugpt_fixes(tmp)
