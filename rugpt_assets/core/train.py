@@ -50,7 +50,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rugpt_assets.core.artifacts import atomic_dir, atomic_file, read_jsonl, sha256_file
-from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
+from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chats
 from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
 from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
 
@@ -240,10 +240,24 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 # --- data ------------------------------------------------------------------------------------
 
 
+TOKENIZE_BATCH = 2048  # chats per tokenizer call: parallel across cores, memory bounded
+
+
 def load_chats(path: Path, tokenizer: Any, cfg: TrainConfig) -> tuple[list[TokenizedChat], int]:
     """Tokenized chats of a jsonl split, and how many were skipped for having no target token
     within ``max_tokens_count`` (they would add nothing to the loss)."""
-    chats, skipped = [], 0
+    chats, skipped, pending = [], 0, []
+
+    def tokenize() -> None:
+        nonlocal skipped
+        for ids, labels in tokenize_chats(pending, tokenizer, cfg.max_tokens_count, cfg.system_prompt):
+            chat = TokenizedChat(ids, labels)
+            if chat.n_targets:
+                chats.append(chat)
+            else:
+                skipped += 1
+        pending.clear()
+
     for n, row in enumerate(read_jsonl(path), 1):
         messages = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(messages, list) or not all(
@@ -251,11 +265,10 @@ def load_chats(path: Path, tokenizer: Any, cfg: TrainConfig) -> tuple[list[Token
             for m in messages
         ):
             raise ValueError(f'{path}, row {n}: expected {{"messages": [{{"role": str, "content": str}}, ...]}}')
-        chat = TokenizedChat(*tokenize_chat(messages, tokenizer, cfg.max_tokens_count, cfg.system_prompt))
-        if chat.n_targets:
-            chats.append(chat)
-        else:
-            skipped += 1
+        pending.append(messages)
+        if len(pending) == TOKENIZE_BATCH:
+            tokenize()
+    tokenize()
     if not chats:
         raise ValueError(f"{path}: no chat has a bot message within max_tokens_count={cfg.max_tokens_count}")
     return chats, skipped
