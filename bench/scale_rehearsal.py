@@ -117,14 +117,15 @@ def write_sources(out: Path, scale: float) -> None:
 
 
 class Sampler(threading.Thread):
-    """RSS of every run worker (``dagster api execute_run``) with its children, and GPU memory
-    in use, every ``interval`` seconds."""
+    """RSS of the run workers with their children (every process under the daemon but the code
+    servers), and GPU memory in use, every ``interval`` seconds."""
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, daemon_pid: int, interval: float = 0.25):
         super().__init__(daemon=True)
         import psutil
 
         self.psutil, self.interval, self.samples, self.stopped = psutil, interval, [], threading.Event()
+        self.daemon_pid = daemon_pid
         try:
             import pynvml
 
@@ -135,10 +136,14 @@ class Sampler(threading.Thread):
 
     def rss(self) -> int:
         total = 0
-        for p in self.psutil.process_iter(["cmdline"]):
+        try:
+            processes = self.psutil.Process(self.daemon_pid).children(recursive=True)
+        except self.psutil.Error:
+            return 0
+        for p in processes:
             try:
-                if "execute_run" in " ".join(p.info["cmdline"] or []):
-                    total += sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+                if "api grpc" not in " ".join(p.cmdline()):
+                    total += p.memory_info().rss
             except self.psutil.Error:
                 pass
         return total
@@ -267,9 +272,10 @@ def trainer_steps(messages) -> list[tuple[float, int, float]]:
     return out
 
 
-def kill_training(sampler_psutil, runs_dir: Path, delay: float, timeout: float) -> dict:
-    """Once a checkpoint is on disk (and ``delay`` seconds more), SIGKILL the trainer and the run
-    worker, as a crash or an OOM kill would."""
+def kill_training(psutil, daemon_pid: int, runs_dir: Path, delay: float, timeout: float) -> dict:
+    """Once a checkpoint is on disk (and ``delay`` seconds more), SIGKILL the run worker (the
+    trainer's parent, under this instance's daemon) and then the trainer, as a crash of the
+    machine's processes would."""
     deadline = time.time() + timeout
     while time.time() < deadline and not list(runs_dir.glob("*/checkpoint-*")):
         time.sleep(0.5)
@@ -277,15 +283,12 @@ def kill_training(sampler_psutil, runs_dir: Path, delay: float, timeout: float) 
     if not checkpoints:
         return {"killed": False, "reason": "no checkpoint in time"}
     time.sleep(delay)
+    trainers = [p for p in psutil.Process(daemon_pid).children(recursive=True)
+                if "rugpt_assets.core.train" in " ".join(p.cmdline())]  # fmt: skip
     killed = []
-    for p in sampler_psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "rugpt_assets.core.train" in cmd or "execute_run" in cmd:
-            try:
-                p.send_signal(signal.SIGKILL)
-                killed.append(cmd[:120])
-            except sampler_psutil.Error:
-                pass
+    for p in [t.parent() for t in trainers] + trainers:
+        p.send_signal(signal.SIGKILL)
+        killed.append(" ".join(p.cmdline())[:120])
     return {"killed": bool(killed), "at": time.time(), "checkpoint": checkpoints[-1].name, "processes": killed}
 
 
@@ -354,7 +357,7 @@ def main() -> None:
             env={**env, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, stdout=open(out / "bench.log", "w"),
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-    sampler = Sampler()
+    sampler = Sampler(inst.daemon.pid)
     sampler.start()
     instance = inst.instance()
     storage = work / "home" / "storage" / "artifacts"
@@ -397,7 +400,7 @@ def main() -> None:
         killer: dict = {}
         runs_dir = storage / "training_runs"
         thread = threading.Thread(
-            target=lambda: killer.update(kill_training(sampler.psutil, runs_dir, args.kill_delay_s, left()))
+            target=lambda: killer.update(kill_training(sampler.psutil, inst.daemon.pid, runs_dir, args.kill_delay_s, left()))
         )
         thread.start()
         run("train_killed", "train_and_export", train_ops, train_run_config, until=lambda: bool(killer))
