@@ -416,7 +416,10 @@ def main() -> None:
         print("error:", results["error"], flush=True)
     finally:
         sampler.stopped.set()
-        collect(results, instance, runs, sampler, storage)
+        try:
+            collect(results, instance, runs, sampler, storage)
+        except Exception as e:  # noqa: BLE001 - keep what was measured
+            results["collect_error"] = f"{type(e).__name__}: {e}"
         inst.stop_daemon()
         save()
         print(table(results), flush=True)
