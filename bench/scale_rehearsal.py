@@ -465,9 +465,9 @@ def collect(results: dict, instance, runs, sampler: Sampler, storage: Path) -> N
         event = instance.get_latest_materialization_event(asset_key)
         if event is not None and event.asset_materialization is not None:
             meta = event.asset_materialization.metadata
-            results["assets"][key].append({"metadata": {k: getattr(v, "value", str(v)) for k, v in meta.items()
-                                                        if not isinstance(getattr(v, "value", None), (dict, list))
-                                                        and k not in ("loss_curve", "preview", "sample_generation")}})  # fmt: skip
+            scalars = {k: v.value for k, v in meta.items() if isinstance(getattr(v, "value", None), (int, float, str))}
+            scalars = {k: v for k, v in scalars.items() if k not in ("loss_curve", "preview", "sample_generation")}
+            results["assets"][key].append({"metadata": scalars})
     # Steady state inside Dagster: per-step tokens/s, leaving out each process's first 5 steps.
     steady = [tps for run in trainer_lines for _, _, tps in run["lines"][5:]]
     if steady:
