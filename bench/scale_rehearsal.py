@@ -308,6 +308,8 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=16, help="micro-batches of 4 chats' worth per step")
     parser.add_argument("--save-steps", type=int, default=40)
     parser.add_argument("--max-eval-chats", type=int, default=256)
+    parser.add_argument("--export-eval-chats", type=int, default=0,
+                        help="validation chats the GGML evaluations score (0: the profile's)")  # fmt: skip
     parser.add_argument("--kill-delay-s", type=float, default=8.0, help="train on this long past the checkpoint")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU (fp32, sdpa, eager): a smoke run")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="launch nothing new past this, stop waiting")
@@ -386,7 +388,9 @@ def main() -> None:
     data_ops = [f"raw_{s.name}" for s in SOURCES] + ["chat_set", "base_model"]
     train_ops = ["lora_adapter", "lora_adapter_eval_loss_below_base", "merged_model", "ggml_f16",
                  "ggml_f16_ggml_f16_matches_merged_model", "ggml_f16_ggml_f16_generates"]  # fmt: skip
-    train_run_config = {"ops": {"lora_adapter": {"config": train_config}}}
+    export_config = {"eval_chats": args.export_eval_chats} if args.export_eval_chats else {}
+    train_run_config = {"ops": {"lora_adapter": {"config": train_config}, "ggml_f16": {"config": export_config}}}
+    quantize_run_config = {"ops": {"ggml_quantized": {"config": export_config}}}
     try:
         run("observe_sources", "observe_sources")
         run("data", "train_and_export", data_ops)
@@ -410,7 +414,7 @@ def main() -> None:
         status = wait_run(instance, runs[-1][1], min(300, left()))  # run monitoring notices the dead run worker
         phase("killed_run_marked", t, status=status)
         run("train_resumed", "train_and_export", train_ops, train_run_config)
-        run("quantize_Q5_1", "quantize", tags={"dagster/partition": "Q5_1"})
+        run("quantize_Q5_1", "quantize", config=quantize_run_config, tags={"dagster/partition": "Q5_1"})
     except Exception as e:  # noqa: BLE001 - record what broke and report what was measured
         results["error"] = f"{type(e).__name__}: {e}"
         print("error:", results["error"], flush=True)
