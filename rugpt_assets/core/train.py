@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -666,11 +667,27 @@ def _rank_divergence(model: torch.nn.Module, rt: Runtime) -> float:
     return max((g - flat).abs().max().item() for g in gathered)
 
 
+def exit_with_launcher(poll_s: float = 1.0) -> None:
+    """End this process once the one that started it (the Dagster run worker, torchrun's agent,
+    a shell) is gone. A trainer left running alone holds the GPU and keeps writing checkpoints
+    into the run directory that the next run of the same job resumes from."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        log.error("the process that started this trainer (pid %d) is gone: exiting", launcher)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="LoRA-tune a GPT-2 base on chat jsonl files.")
     parser.add_argument("--config", type=Path, required=True, help="job JSON: TrainJob paths and 'train' settings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
+    exit_with_launcher()
     job = TrainJob.from_json(args.config)
     if os.environ.get("DAGSTER_PIPES_CONTEXT") and int(os.environ.get("RANK", "0")) == 0:
         from dagster_pipes import open_dagster_pipes
