@@ -52,26 +52,9 @@ def tokenize_chat(
     after the last ``</s>`` is dropped; a global EOS is appended (labelled) when the ids do not
     already end with it. Returns empty lists when even the first message does not fit.
     """
-    return tokenize_chats([messages], tokenizer, max_tokens_count, system_prompt)[0]
-
-
-def tokenize_chats(
-    chats: Sequence[Sequence[Message]],
-    tokenizer: Any,
-    max_tokens_count: int,
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-) -> list[tuple[list[int], list[int]]]:
-    """`tokenize_chat` of each chat, every message of them encoded in one call: a fast
-    tokenizer spreads a batch over the CPU cores (60k chats one by one take minutes)."""
-    rendered = [with_system_prompt(messages, system_prompt) for messages in chats]
-    texts = [render_message(m["role"], m["content"]) for chat in rendered for m in chat]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
-    return [_chat_ids(chat, [next(encoded) for _ in chat], tokenizer, max_tokens_count) for chat in rendered]
-
-
-def _chat_ids(
-    chat: Sequence[Message], encoded: Sequence[list[int]], tokenizer: Any, max_tokens_count: int
-) -> tuple[list[int], list[int]]:
+    chat = with_system_prompt(messages, system_prompt)
+    texts = [render_message(m["role"], m["content"]) for m in chat]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     input_ids: list[int] = []
     labels: list[int] = []
     for message, ids in zip(chat, encoded, strict=True):

@@ -2,14 +2,7 @@
 
 import pytest
 
-from rugpt_assets.core.chat_template import (
-    IGNORE_INDEX,
-    render_message,
-    render_prompt,
-    tokenize_chat,
-    tokenize_chats,
-    with_system_prompt,
-)
+from rugpt_assets.core.chat_template import IGNORE_INDEX, render_message, render_prompt, tokenize_chat
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT
 from rugpt_assets.core.demo_model import BOS_ID, EOS_ID, train_tokenizer
 
@@ -102,22 +95,3 @@ def test_global_bos_and_eos_are_added_when_missing():
     assert input_ids == [2, *body, 3]
     n_system = len("<s>system\ns</s>\n")
     assert labels == [IGNORE_INDEX] + [IGNORE_INDEX] * n_system + body[n_system:] + [3]
-
-
-def test_many_chats_in_one_call_equal_each_chat_alone(tokenizer):
-    """The trainer tokenizes thousands of chats per call: each keeps exactly its own ids."""
-    limit = 200
-    system_chat = [{"role": "system", "content": "Ты кот."}, *CHAT[:2]]
-    long_first = [{"role": "user", "content": "слово " * 300}, CHAT[1]]  # only the system prompt fits
-    long_last = [*CHAT[:2], {"role": "bot", "content": "слово " * 300}]  # the last message goes
-    chats = [CHAT, system_chat, long_first, long_last, CHAT[:1]]
-    together = tokenize_chats(chats, tokenizer, max_tokens_count=limit)
-    for chat, got in zip(chats, together, strict=True):
-        kept = with_system_prompt(chat)
-        while kept and len(expected(tokenizer, kept)[0]) > limit:
-            kept = kept[:-1]
-        ids, labels = expected(tokenizer, kept)
-        assert got == ((ids[:-1], labels[:-1]) if kept else ([], []))  # the newline after the last </s> goes
-        assert got == tokenize_chat(chat, tokenizer, max_tokens_count=limit)
-    assert set(together[2][1]) == {IGNORE_INDEX}  # the system prompt alone: no targets
-    assert len(together[3][0]) < len(expected(tokenizer, with_system_prompt(long_last))[0])
