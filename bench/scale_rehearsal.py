@@ -16,14 +16,14 @@ It writes, under ``--work``:
   running and profile ``rugpt35`` pointed at the two folders above (``RUGPT_SOURCES_DIR``,
   ``RUGPT_BASE_MODEL_DIR``).
 
-Then it materializes through the CLI (``dagster job launch``: queued, dequeued by the daemon,
-started by the routing run launcher in a run worker process): ``observe_sources``; the raw
-snapshots, ``chat_set`` and ``base_model``; ``lora_adapter`` → ``merged_model`` → ``ggml_f16``
-with their checks, killing the run worker and the trainer (SIGKILL) once a checkpoint is on disk
-and launching the same run again, which resumes; and the ``Q5_1`` partition of
-``ggml_quantized``. The automation sensor and the observation schedule are stopped first, so
-that every run is one of these. Training takes the profile's fast path with ``--grad-accum``
-micro-batches per step and ``--train-steps`` steps.
+Then it materializes the jobs through the CLI (``dagster job launch``: queued, dequeued by the
+daemon, started by the routing run launcher in a run worker process): ``observe_sources``;
+``prepare`` (raw snapshots, ``chat_set``, ``base_model``); ``train`` (``lora_adapter``, the GPU
+code location), killing its run worker and then the trainer (SIGKILL) once a checkpoint is on
+disk, and launching ``train`` again, which resumes; ``export`` (``merged_model`` → ``ggml_f16``
+with their checks); and the ``Q5_1`` partition of ``quantize``. The automation sensors and the
+observation schedule are stopped first, so that every run is one of these. Training takes the
+profile's fast path with ``--grad-accum`` micro-batches per step and ``--train-steps`` steps.
 
 While the data runs, ``bench/train_throughput.py`` times the fast path on the same model shape
 and GPU (``--chats-per-step`` as in the Dagster run), so that the trainer's tokens/s inside
@@ -57,7 +57,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 SHARD_BYTES = 5 * 10**9
-TRAIN_ASSETS = ("lora_adapter", "merged_model", "ggml_f16")
+CPU_LOCATION, GPU_LOCATION = "rugpt_assets", "rugpt_assets_gpu"
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -169,9 +169,9 @@ def tree_bytes(path: Path) -> int:
 
 class Instance:
     """The repository's instance config in ``work/home``, with run monitoring polling every
-    ``monitor_s`` seconds (not the default 120) and a dead run's pool slots freed ``monitor_s``
-    after it ends (not 60): after the kill, the resumed run would otherwise wait up to three
-    minutes with the GPU idle."""
+    ``monitor_s`` seconds (dagster.yaml: 15) and a dead run's pool slots freed ``monitor_s``
+    after it ends (dagster.yaml: 60): after the kill, the resumed run would otherwise wait over
+    a minute with the GPU idle."""
 
     def __init__(self, work: Path, env: dict, log: Path, monitor_s: int):
         self.home, self.env, self.log = work / "home", env, log
@@ -214,10 +214,9 @@ class Instance:
         finally:
             os.chdir(cwd)
 
-    def launch(self, job: str, ops: list[str] | None = None, config: dict | None = None, tags: dict | None = None) -> str:
+    def launch(self, location: str, job: str, config: dict | None = None, tags: dict | None = None) -> str:
         run_id = str(uuid.uuid4())
-        args = ["job", "launch", "-j", job, "--run-id", run_id]
-        args += ["-o", ",".join(ops)] if ops else []
+        args = ["job", "launch", "-l", location, "-j", job, "--run-id", run_id]
         args += ["--config-json", json.dumps(config)] if config else []
         args += ["--tags", json.dumps(tags)] if tags else []
         self.cli(*args)
@@ -285,11 +284,14 @@ def kill_training(psutil, daemon_pid: int, runs_dir: Path, delay: float, timeout
     time.sleep(delay)
     trainers = [p for p in psutil.Process(daemon_pid).children(recursive=True)
                 if "rugpt_assets.core.train" in " ".join(p.cmdline())]  # fmt: skip
-    killed = []
-    for p in [t.parent() for t in trainers] + trainers:
-        p.send_signal(signal.SIGKILL)
-        killed.append(" ".join(p.cmdline())[:120])
-    return {"killed": bool(killed), "at": time.time(), "checkpoint": checkpoints[-1].name, "processes": killed}
+    victims = [(p, " ".join(p.cmdline())[:120]) for p in [t.parent() for t in trainers] + trainers]
+    for p, _ in victims:  # run worker first: the trainer must not see it exit normally
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    return {"killed": bool(victims), "at": time.time(), "checkpoint": checkpoints[-1].name,
+            "processes": [cmd for _, cmd in victims]}  # fmt: skip
 
 
 # --- the rehearsal -------------------------------------------------------------------------------
@@ -342,8 +344,10 @@ def main() -> None:
                           str(args.vocab), "cpu" if args.cpu else "cuda"], env=env),  # fmt: skip
     ]
     inst = Instance(work, env, out / "dagster.log", args.monitor_s)
-    for kind, name in (("sensor", "retrain_on_new_data"), ("schedule", "observe_sources_schedule")):
-        inst.cli(kind, "stop", name)
+    for kind, name, location in (("sensor", "retrain_on_new_data", CPU_LOCATION),
+                                 ("sensor", "train_on_new_data", GPU_LOCATION),
+                                 ("schedule", "observe_sources_schedule", CPU_LOCATION)):  # fmt: skip
+        inst.cli(kind, "stop", name, "-l", location)
     inst.start_daemon()
     if any(p.wait() for p in makers):
         raise RuntimeError("writing the inputs failed")
@@ -373,27 +377,21 @@ def main() -> None:
     def left() -> float:
         return args.deadline_s - (time.time() - started)
 
-    def run(label: str, job: str, ops=None, config=None, tags=None, until=None) -> str:
+    def run(label: str, location: str, job: str, config=None, tags=None, until=None) -> str:
         if left() < 0:
             raise TimeoutError(f"deadline passed before {label}")
         t = time.time()
-        run_id = inst.launch(job, ops, config, tags)
+        run_id = inst.launch(location, job, config, tags)
         runs.append((label, run_id))
         status = wait_run(instance, run_id, left(), until=until)
         phase(label, t, run_id=run_id, status=status)
         return status
 
-    from rugpt_assets.core.sources import SOURCES
-
-    data_ops = [f"raw_{s.name}" for s in SOURCES] + ["chat_set", "base_model"]
-    train_ops = ["lora_adapter", "lora_adapter_eval_loss_below_base", "merged_model", "ggml_f16",
-                 "ggml_f16_ggml_f16_matches_merged_model", "ggml_f16_ggml_f16_generates"]  # fmt: skip
     export_config = {"eval_chats": args.export_eval_chats} if args.export_eval_chats else {}
-    train_run_config = {"ops": {"lora_adapter": {"config": train_config}, "ggml_f16": {"config": export_config}}}
-    quantize_run_config = {"ops": {"ggml_quantized": {"config": export_config}}}
+    train_run_config = {"ops": {"lora_adapter": {"config": train_config}}}
     try:
-        run("observe_sources", "observe_sources")
-        run("data", "train_and_export", data_ops)
+        run("observe_sources", CPU_LOCATION, "observe_sources")
+        run("prepare", CPU_LOCATION, "prepare")
         if bench is not None:
             t = time.time()
             bench.wait()
@@ -407,14 +405,16 @@ def main() -> None:
             target=lambda: killer.update(kill_training(sampler.psutil, inst.daemon.pid, runs_dir, args.kill_delay_s, left()))
         )
         thread.start()
-        run("train_killed", "train_and_export", train_ops, train_run_config, until=lambda: bool(killer))
+        run("train_killed", GPU_LOCATION, "train", train_run_config, until=lambda: bool(killer))
         thread.join()
         results["kill"] = killer
         t = time.time()
         status = wait_run(instance, runs[-1][1], min(300, left()))  # run monitoring notices the dead run worker
         phase("killed_run_marked", t, status=status)
-        run("train_resumed", "train_and_export", train_ops, train_run_config)
-        run("quantize_Q5_1", "quantize", config=quantize_run_config, tags={"dagster/partition": "Q5_1"})
+        run("train_resumed", GPU_LOCATION, "train", train_run_config)
+        run("export", CPU_LOCATION, "export", {"ops": {"ggml_f16": {"config": export_config}}})
+        run("quantize_Q5_1", CPU_LOCATION, "quantize", {"ops": {"ggml_quantized": {"config": export_config}}},
+            tags={"dagster/partition": "Q5_1"})
     except Exception as e:  # noqa: BLE001 - record what broke and report what was measured
         results["error"] = f"{type(e).__name__}: {e}"
         print("error:", results["error"], flush=True)

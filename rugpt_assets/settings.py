@@ -67,7 +67,9 @@ def demo_profile() -> Profile:
             per_device_batch_size=4,
             gradient_accumulation_steps=2,
             num_epochs=3.0,
-            max_steps=60,
+            # RUGPT_DEMO_TRAIN_STEPS shortens it where a run is started by automation or a
+            # backfill, which carry no run config (the end-to-end tests).
+            max_steps=int(os.environ.get("RUGPT_DEMO_TRAIN_STEPS", "60")),
             eval_steps=15,
             save_steps=15,
             precision="fp32",

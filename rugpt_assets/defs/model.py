@@ -1,4 +1,8 @@
-"""The model half: `base_model` → `lora_adapter` (GPU pool, via Pipes) → `merged_model`."""
+"""The model half: `base_model` → `lora_adapter` (GPU pool, via Pipes) → `merged_model`.
+
+`lora_adapter` belongs to the GPU code location (`rugpt_assets.gpu_definitions`), the other two
+to the CPU one (`rugpt_assets.definitions`); the dependencies between them are plain asset keys.
+"""
 
 import json
 import math
@@ -85,6 +89,17 @@ def base_model(
     pool="gpu",
     code_version=train.TRAINER_VERSION,
     automation_condition=training_condition(),
+    # Checked inside the training step. A check step of its own would be a second `gpu`-pool step
+    # claiming the slot again after training freed it: a queued training could start in between
+    # and this run's check would wait for all of it.
+    check_specs=[
+        dg.AssetCheckSpec(
+            "eval_loss_below_base",
+            asset="lora_adapter",
+            blocking=True,
+            description="Eval loss is finite and below the untouched base model's.",
+        )
+    ],
     description=(
         "A LoRA adapter (PEFT; seed recipe r 16, alpha 16, dropout 0.05 on `c_attn`) trained on "
         "`chat_set` with the gigasaiga template and only-target loss, in its own process via Dagster "
@@ -118,10 +133,10 @@ def lora_adapter(
         result = trainer.run(context, job_path)
     finally:
         job_path.unlink(missing_ok=True)
-    return result.get_materialize_result()
+    yield result.get_materialize_result()
+    yield eval_loss_below_base(storage)
 
 
-@dg.asset_check(asset=lora_adapter, blocking=True, description="Eval loss is finite and below the untouched base model's.")
 def eval_loss_below_base(storage: StorageResource) -> dg.AssetCheckResult:
     metrics = json.loads((storage.layout.lora_adapter / "metrics.json").read_text())
     eval_loss, base_loss = metrics["eval_loss"], metrics["base_eval_loss"]
