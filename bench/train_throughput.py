@@ -14,8 +14,8 @@ from one repeat to the next (seed first, then last, ...). Every visit runs ``--w
 steps, then ``--steps`` timed steps (each ``--micro-batches`` micro-batches, synchronized); the
 timed micro-batches are the same in every repeat, so a first repeat slower than the others
 shows too little warm-up. Reported per variant: the median real (non-padding) tokens/s over the
-repeats with its range, MFU = tokens/s × 4N / 790e12 (N = the base model's parameters, DESIGN
-§7), peak allocated memory, the graphs torch.compile built during timed steps (0: no
+repeats with its range, MFU = tokens/s × 4N / 790e12 (N = the base model's parameters: forward
+and activation gradients, no weight gradients for frozen weights), peak allocated memory, the graphs torch.compile built during timed steps (0: no
 recompilation), and the speed-up against the seed shape: the ratio of the medians, with the
 range of the per-repeat ratios. A variant that runs out of memory or fails prints that and the
 rest go on; results are written after every visit. Compiled blocks are switched off for eager
