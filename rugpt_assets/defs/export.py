@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from rugpt_assets import settings
 from rugpt_assets.core import evaluate, ggml
-from rugpt_assets.core.artifacts import read_jsonl
+from rugpt_assets.core.artifacts import read_jsonl, require_upstream
 from rugpt_assets.core.configs import ExportConfig
 from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
 from rugpt_assets.core.quantize import QuantType, quantize_ggml
@@ -95,9 +95,13 @@ def ggml_f16(
     context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     export = settings.config_to_dataclass(config, ExportConfig)
-    path = storage.layout.ggml_f16
+    layout = storage.layout
+    require_upstream(
+        "ggml_f16", {"merged_model": [layout.merged_model / "config.json"], "chat_set": [layout.chat_set / "val.jsonl"]}
+    )
+    path = layout.ggml_f16
     eval_set = _eval_set(storage, export)
-    ggml.write_ggml_f16(storage.layout.merged_model, path)
+    ggml.write_ggml_f16(layout.merged_model, path)
     numbers, reference = evaluate.evaluate_ggml_file(path, eval_set, export, progress=context.log.info)
     evaluate.write_evaluation(path, numbers, reference)
     context.log.info(f"f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
