@@ -48,7 +48,7 @@ from rugpt_assets.core.scoring import EvalSet, Reference, Scores
 def load_llm_rs(path: Path, threads: int) -> tuple[Gpt2, float]:
     """The file in llm-rs with its BPE tokenizer sidecar; returns (model, load seconds).
 
-    Threads are always set: llm-rs's default oversubscribes small machines (DESIGN §5). The
+    Threads are always set: llm-rs's default oversubscribes small machines (docs/ARCHITECTURE.md, "GGML files"). The
     context is the model's own n_ctx: llm-rs would otherwise allow 2048 positions and read
     past a smaller position table.
     """
