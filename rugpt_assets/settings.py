@@ -39,6 +39,8 @@ class Profile:
     # None means the deterministic tiny demo GPT-2 built locally.
     base_model_repo: str | None
     base_model_revision: str
+    # A snapshot already on disk (hub layout), used instead of downloading `base_model_repo`.
+    base_model_dir: Path | None = None
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
@@ -89,6 +91,7 @@ def rugpt35_profile() -> Profile:
         sources_dir=_sources_dir(),
         base_model_repo=os.environ.get("RUGPT_BASE_MODEL_REPO", RUGPT35_REPO),
         base_model_revision=os.environ.get("RUGPT_BASE_MODEL_REVISION", "main"),
+        base_model_dir=Path(os.environ["RUGPT_BASE_MODEL_DIR"]).resolve() if os.environ.get("RUGPT_BASE_MODEL_DIR") else None,
         # The fast path measured on one H200 (docs/PERFORMANCE.md): bf16 base, packed rows with
         # per-chat varlen attention, compiled blocks, no checkpointing; 4 × 64 rows keeps the
         # seed's 256 chats per optimizer step. On a 24 GB card set load_in_4bit,

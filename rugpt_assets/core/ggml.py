@@ -12,7 +12,7 @@ Tensor names and the choice of f16/f32 per tensor are those of llm-rs's own GPT-
 f16; `model/wpe`, biases and layer norms in f32; Conv1D weights transposed to (out, in).
 
 Unlike llm-rs's converter, which loads the whole model and writes the vocabulary as decoded
-text (single-byte tokens become U+FFFD, DESIGN §5), `write_ggml_f16` streams one tensor at a
+text (single-byte tokens become U+FFFD, docs/ARCHITECTURE.md, "GGML files"), `write_ggml_f16` streams one tensor at a
 time from the safetensors files and writes each token's raw bytes. Next to each file go two
 sidecars: `.meta` (how llm-rs's `AutoModel` recognizes the model) and `.tokenizer.json` (the
 real BPE for llm-rs, see `write_llm_rs_tokenizer`).
@@ -256,7 +256,7 @@ def write_llm_rs_tokenizer(tokenizer, out_path: Path) -> None:
     segmentation with the longest pieces), so text such as " —" or tabs would get other ids
     than in training; given this file it runs the real BPE. Two changes make it usable:
     - merges as "a b" strings: llm-rs cannot read the pairs current `tokenizers` writes
-      (DESIGN §5); byte-level tokens never contain a space, so the join is unambiguous;
+      (docs/ARCHITECTURE.md, "GGML files"); byte-level tokens never contain a space, so the join is unambiguous;
     - a `Fuse` decoder instead of ByteLevel: llm-rs decodes each generated token on its own,
       which turns a token holding part of a UTF-8 character into U+FFFD. With `Fuse` it hands
       out the token's byte-level string, which `evaluate.TokenText` maps back to exact bytes.

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import dagster as dg
 
@@ -27,6 +28,8 @@ MergeRunConfig = settings.launchpad_config("MergeRunConfig", PROFILE.merge)
 class BaseModelConfig(dg.Config):
     repo: str | None = PROFILE.base_model_repo  # None: the tiny demo GPT-2 built here
     revision: str = PROFILE.base_model_revision
+    # A snapshot on disk (RUGPT_BASE_MODEL_DIR) instead of the hub: copied, not downloaded.
+    local_dir: str | None = str(PROFILE.base_model_dir) if PROFILE.base_model_dir else None
     token_env_var: str = "HF_TOKEN"
 
 
@@ -38,7 +41,8 @@ class BaseModelConfig(dg.Config):
     code_version="1",
     description=(
         "The base model as safetensors: a pinned snapshot of `ai-forever/ruGPT-3.5-13B` with the "
-        "seed's tokenizer/generation fixes (profile `rugpt35`), or a tiny deterministic GPT-2 with "
+        "seed's tokenizer/generation fixes (profile `rugpt35`; `RUGPT_BASE_MODEL_DIR` copies a snapshot "
+        "already on disk instead), or a tiny deterministic GPT-2 with "
         "the same special tokens trained on the bundled samples (profile `demo`). Written once: "
         "materialized again with the same revision (or demo recipe), it re-verifies the files' "
         "sha256 against the snapshot's manifest and reuses them; its data version is the content hash. "
@@ -51,7 +55,10 @@ def base_model(
     target = storage.layout.base_model
     token = os.environ.get(config.token_env_var)
     started = time.perf_counter()
-    snapshot = materialize_base_model(target, config.repo, config.revision, token, settings.BUNDLED_SAMPLES_DIR)
+    snapshot = materialize_base_model(
+        target, config.repo, config.revision, token, settings.BUNDLED_SAMPLES_DIR,
+        Path(config.local_dir) if config.local_dir else None,
+    )
     seconds = time.perf_counter() - started
     if snapshot.reused:
         context.log.info(f"reused the base model snapshot in {target} ({len(snapshot.files)} files verified in {seconds:.1f} s)")

@@ -119,16 +119,29 @@ def test_f16_file_scores_like_the_original_model(export, eval_set):
     assert scores(*streamed(export.f16, eval_set, 100), 256).perplexity == pytest.approx(perplexity, rel=1e-3)
 
 
-def test_streamed_greedy_tokens_equal_hf(export):
-    """The greedy reference of the f16 check: the merged checkpoint streamed with a KV cache
-    gives HF's greedy tokens."""
+def test_greedy_agreement_is_greedy_decoding_of_the_merged_model(export, tmp_path):
+    """The f16 check's one verification pass gives what HF's token-by-token greedy decoding
+    gives: the same tokens where llm-rs agrees, and the first disagreement at the same place."""
     model, tokenizer = hf_model(export.model_dir), AutoTokenizer.from_pretrained(export.model_dir)
     weights = evaluate.CheckpointWeights(export.model_dir)
-    for chat in export.val_chats[:3]:
-        prompt = tokenizer(render_prompt(chat["messages"][:1]), add_special_tokens=False).input_ids
-        expected = hf_greedy(model, prompt, 12)
-        assert evaluate.greedy_tokens(weights, prompt, 12) == expected
-        assert len(set(expected)) > 2  # not one token repeated: the cache's positions matter
+    # another model with the same tokenizer: llm-rs on it parts from the merged model early
+    random_gpt2(tmp_path / "other", export.model_dir, n_embd=64, n_layer=2, vocab_size=512)
+    ggml.write_ggml_f16(tmp_path / "other", tmp_path / "other.bin")
+    cases = []
+    for chat in export.val_chats[:2]:  # the first one's greedy tokens hold `</s>` and then `<s>`
+        prompt = render_prompt(chat["messages"][:1])
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        expected = hf_greedy(model, prompt_ids, 16)
+        assert evaluate.next_token_argmax(weights, prompt_ids + expected[:-1], len(prompt_ids) - 1) == expected
+        pieces = evaluate.token_pieces(tokenizer, expected)
+        for path in (export.f16, tmp_path / "other.bin"):
+            result = evaluate.greedy_agreement(path, export.model_dir, prompt, 16, threads=1)
+            first = next((i for i, (a, b) in enumerate(zip(result["llm_rs"], pieces)) if a != b), 16)
+            assert result["matching_prefix"] == first and result["equal"] == (first == 16)
+            assert result["hf"] == pieces[: first + 1]
+            cases.append((path.name, first, "" in pieces[:first]))
+    assert {name for name, first, _ in cases if first == 16} == {export.f16.name}
+    assert any(first < 16 for _, first, _ in cases) and any(special for *_, special in cases)
 
 
 def test_streamed_equals_the_whole_model_on_a_random_deep_gpt2(export, tmp_path):

@@ -177,6 +177,31 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(inputs, tmp_path):
     assert again["resumed_from_step"] == 40 and again["loss_history"] == resumed["loss_history"]
 
 
+def test_trainer_exits_when_its_launcher_is_killed(inputs, tmp_path):
+    """A run worker killed mid-training takes its trainer with it: an orphan would keep the GPU
+    and write checkpoints under the run that the next launch resumes."""
+    job = make_job(inputs, tmp_path, replace(CONFIG, max_steps=400, save_steps=1))
+    config = tmp_path / "job.json"
+    job.write(config)
+    launcher = subprocess.Popen(  # stands in for the run worker: starts the trainer, waits on it
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+         sys.executable, "-m", "rugpt_assets.core.train", "--config", str(config)],
+        env=SINGLE_THREAD_ENV,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(job.runs_dir.glob("*/checkpoint-*")):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the trainer made no checkpoint"
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    runs = list(job.runs_dir.glob("*"))
+    time.sleep(5)  # the trainer notices within a second, then exits
+    steps = {p.name for run in runs for p in run.glob("checkpoint-*")}
+    time.sleep(3)
+    assert {p.name for run in runs for p in run.glob("checkpoint-*")} == steps  # no one trains on
+    assert not job.output_dir.exists() and len(steps) == 1 and steps != {"checkpoint-000400"}
+
+
 def test_run_key_follows_content_not_timestamps(inputs, tmp_path):
     """The base model rewritten with the same bytes (new timestamps) keeps the run key, so a
     killed training still finds its checkpoints; a snapshot's manifest gives the same identity

@@ -45,7 +45,7 @@ TRAINED_ASSET = "lora_adapter"
 PREPARE_JOB, TRAIN_JOB, EXPORT_JOB = "prepare", "train", "export"
 
 # The demo profile's training, shorter, with a checkpoint every 4 steps.
-TRAIN_OVERRIDES = {"max_steps": 24, "save_steps": 4, "eval_steps": 12}
+TRAIN_OVERRIDES = {"max_steps": 16, "save_steps": 4, "eval_steps": 8}
 TRAIN_CONFIG = replace(settings.active_profile().train, **TRAIN_OVERRIDES)
 RUN_CONFIG = {"ops": {TRAINED_ASSET: {"config": TRAIN_OVERRIDES}}}
 
