@@ -10,8 +10,10 @@ Resume. Checkpoints live in ``runs_dir/<run key>/checkpoint-<step>/`` (LoRA weig
 scheduler, grad scaler, step, history). The run key hashes the TrainConfig, the world size, the
 bytes of the train/val files and the base model's content hash (the one its snapshot manifest
 recorded, see `base_model`; hashed from the files when there is no manifest). A run with the
-same key continues from its latest checkpoint; anything else starts fresh. Data order and dropout masks are functions of (seed, step, rank), so the step is
-all the data position and RNG state a resumed run needs to repeat the uninterrupted one.
+same key continues from its latest checkpoint; anything else starts fresh. Data order and
+dropout masks are functions of (seed, step, rank), so the step is all the data position and RNG
+state a resumed run needs to repeat the uninterrupted one. Started with ``--stop-with-parent``
+(as Dagster starts it), the trainer stops when its launcher dies.
 
 Loss. Every optimizer step averages next-token cross-entropy over all target tokens of its
 rows, whichever micro-batch or rank they land on; so packing, gradient accumulation and DDP
@@ -20,6 +22,7 @@ change the arithmetic grouping only.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import base64
 import hashlib
@@ -31,6 +34,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -636,11 +640,34 @@ def _rank_divergence(model: torch.nn.Module, rt: Runtime) -> float:
     return max((g - flat).abs().max().item() for g in gathered)
 
 
+def stop_when_parent_dies(poll_s: float = 1.0) -> None:
+    """Interrupt this process (as Ctrl+C does) as soon as the process that started it is gone.
+
+    A trainer whose Dagster run worker was killed would otherwise train on, holding the GPU,
+    while run monitoring fails the dead run and frees its `gpu` slot and the next run resumes
+    from the same checkpoints. Interrupted, it unwinds: temporaries go, nothing is published.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.error("the process that started this trainer (pid %d) is gone: stopping", parent)
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, name="stop-when-parent-dies", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="LoRA-tune a GPT-2 base on chat jsonl files.")
     parser.add_argument("--config", type=Path, required=True, help="job JSON: TrainJob paths and 'train' settings")
+    parser.add_argument(
+        "--stop-with-parent", action="store_true", help="stop when the process that started this one dies"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
+    if args.stop_with_parent:
+        stop_when_parent_dies()
     job = TrainJob.from_json(args.config)
     if os.environ.get("DAGSTER_PIPES_CONTEXT") and int(os.environ.get("RANK", "0")) == 0:
         from dagster_pipes import open_dagster_pipes

@@ -76,7 +76,7 @@ class TrainerResource(dg.ConfigurableResource):
     k8s_namespace: str = "dagster"
 
     def command(self, job_path: Path) -> list[str]:
-        module = ["-m", "rugpt_assets.core.train", "--config", str(job_path)]
+        module = ["-m", "rugpt_assets.core.train", "--config", str(job_path), "--stop-with-parent"]
         if self.launcher == "torchrun":
             return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc_per_node={self.nproc_per_node}", *module]

@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from peft import PeftModel
@@ -173,6 +174,29 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(inputs, tmp_path):
     # Same inputs again: the final checkpoint is the latest, so nothing is retrained.
     again = train_lora(job).metrics
     assert again["resumed_from_step"] == 40 and again["loss_history"] == resumed["loss_history"]
+
+
+# Starts the trainer the way a run worker does, then waits for it: killing this launcher
+# leaves the trainer orphaned, as a killed Dagster run worker does.
+LAUNCHER = "import subprocess, sys; subprocess.Popen(sys.argv[1:]).wait()"
+
+
+def test_trainer_started_with_stop_with_parent_stops_when_its_launcher_dies(inputs, tmp_path):
+    job = make_job(inputs, tmp_path, replace(CONFIG, max_steps=10_000))
+    job.write(tmp_path / "job.json")
+    trainer_command = [sys.executable, "-m", "rugpt_assets.core.train", "--config", str(tmp_path / "job.json")]
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, *trainer_command, "--stop-with-parent"], env=SINGLE_THREAD_ENV)
+    deadline = time.monotonic() + 180
+    while not list(job.runs_dir.glob("*/checkpoint-*")):  # training, well past start-up
+        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.1)
+    (trainer,) = psutil.Process(launcher.pid).children()
+    launcher.kill()
+    launcher.wait()
+
+    assert trainer.wait(timeout=60) != 0  # stopped, within a poll and the step it was in
+    assert not job.output_dir.exists()  # interrupted, it published nothing
+    assert not list(job.runs_dir.glob("*/.checkpoint-*"))  # and left no temporaries
 
 
 def test_run_key_follows_content_not_timestamps(inputs, tmp_path):
