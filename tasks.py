@@ -67,7 +67,8 @@ def demo() -> int:
     host, port = env.get("RUGPT_HOST", "127.0.0.1"), env.get("RUGPT_PORT", "3000")
     log(f"serving the Dagster UI (and the daemon) at http://{host}:{port} — Ctrl+C stops it")
     server = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-h", host, "-p", port, "-m", "rugpt_assets.definitions"],
+        # Both code locations, CPU and GPU (workspace.yaml).
+        [str(BIN / "dagster"), "dev", "-h", host, "-p", port, "-w", str(ROOT / "workspace.yaml")],
         cwd=ROOT,
         env=env,
         # A shell may start background jobs with SIGINT ignored; the server must still stop on it.

@@ -1,4 +1,6 @@
-"""The one `Definitions` of the code location: assets by group, checks, resources, automation."""
+"""The CPU code location: sources, chat_set, base_model, merge and export, with their checks,
+jobs and automation. The GPU asset (`lora_adapter`) is the other location,
+`rugpt_assets.gpu_definitions`; workspace.yaml loads both (docs/ARCHITECTURE.md says why)."""
 
 from __future__ import annotations
 
@@ -6,18 +8,21 @@ import dagster as dg
 
 from rugpt_assets import settings
 from rugpt_assets.defs import checks, data, export, model
-from rugpt_assets.defs.automation import automation_sensor, observe_cron
-from rugpt_assets.defs.resources import SourcesResource, StorageResource, TrainerResource
+from rugpt_assets.defs.automation import cpu_automation_sensor, observe_cron
+from rugpt_assets.defs.resources import resources_for
 from rugpt_assets.defs.sources import observed_sources, raw_snapshots
 
 PROFILE = settings.active_profile()
 
-everything_but_quantized = dg.AssetSelection.all() - dg.AssetSelection.assets(export.ggml_quantized)
-
-train_and_export_job = dg.define_asset_job(
-    "train_and_export",
-    selection=everything_but_quantized,
-    description="Sources → chat_set → lora_adapter → merged_model → ggml_f16, in one run.",
+prepare_job = dg.define_asset_job(
+    "prepare",
+    selection=dg.AssetSelection.assets(*raw_snapshots, data.chat_set, model.base_model),
+    description="Source snapshots → chat_set, and base_model: everything training reads, in one run.",
+)
+export_job = dg.define_asset_job(
+    "export",
+    selection=dg.AssetSelection.assets(model.merged_model, export.ggml_f16),
+    description="The latest lora_adapter merged into base_model → ggml_f16 (with its checks), in one run.",
 )
 quantize_job = dg.define_asset_job(
     "quantize",
@@ -36,30 +41,20 @@ observe_sources_schedule = dg.ScheduleDefinition(
     description="Observe the seven source datasets (cron from RUGPT_OBSERVE_CRON, hourly by default).",
 )
 
-
-def resources_for(profile: settings.Profile) -> dict:
-    return {
-        "storage": StorageResource(),
-        "sources_resource": SourcesResource(mode=profile.source_mode),
-        "trainer": TrainerResource(),
-    }
-
-
 defs = dg.Definitions(
     assets=[
         *observed_sources,
         *raw_snapshots,
         data.chat_set,
         model.base_model,
-        model.lora_adapter,
         model.merged_model,
         export.ggml_f16,
         export.ggml_quantized,
     ],
-    asset_checks=[model.eval_loss_below_base, *checks.export_checks],
-    jobs=[train_and_export_job, quantize_job, observe_sources_job],
+    asset_checks=checks.export_checks,
+    jobs=[prepare_job, export_job, quantize_job, observe_sources_job],
     schedules=[observe_sources_schedule],
-    sensors=[automation_sensor],
+    sensors=[cpu_automation_sensor],
     resources=resources_for(PROFILE),
     # One process per run, not per step: each step process imports torch and the whole code
     # location (tens of seconds on a small box), while the steps themselves are sequential

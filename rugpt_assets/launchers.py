@@ -1,10 +1,13 @@
 """A run launcher that sends GPU runs to one launcher and all other runs to another.
 
-A run is a GPU run when any step it executes is in one of `gpu_pools` (assets declare
-`pool="gpu"`). Locally both sides are `LocalRunLauncher` (Dagster's `DefaultRunLauncher` that
-also reports dead run workers to run monitoring); on Kubernetes both are
-`dagster_k8s.K8sRunLauncher`, the GPU one placing run pods per `GPU_POD`. Configure it in
-dagster.yaml:
+A run is a GPU run when every step it executes is in one of `gpu_pools` (assets declare
+`pool="gpu"`), a CPU run when none is. A run that mixes the two is refused: the GPU assets live
+in their own code location (`rugpt_assets.gpu_definitions`) and a run never spans two code
+locations, so only a misplaced asset can make one, and running it would hold a GPU for CPU work
+(docs/ARCHITECTURE.md, "Compute routing"). Locally both sides are `LocalRunLauncher`
+(Dagster's `DefaultRunLauncher` that also reports dead run workers to run monitoring); on
+Kubernetes both are `dagster_k8s.K8sRunLauncher`, the GPU one placing run pods per `GPU_POD`.
+Configure it in dagster.yaml:
 
     run_launcher:
       module: rugpt_assets.launchers
@@ -22,7 +25,7 @@ from typing import Any
 
 import psutil
 import yaml
-from dagster import DagsterInvalidConfigError, DefaultRunLauncher, Field
+from dagster import DagsterInvalidConfigError, DagsterInvariantViolationError, DefaultRunLauncher, Field
 from dagster._core.events import DagsterEventType
 from dagster._core.instance.config import configurable_class_schema
 from dagster._core.launcher import LaunchRunContext, ResumeRunContext, RunLauncher
@@ -42,13 +45,10 @@ GPU_POD: Mapping[str, Any] = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
 }
-# The same pod as `base_pod_spec` for `PipesK8sClient.run(image=..., command=...)`, which copies
-# it rather than changing it. Add the artifact volume: the run pods get theirs from the code
-# location, this pod does not. A run pod that starts it should not hold a GPU itself.
-GPU_POD_SPEC: Mapping[str, Any] = {
-    **GPU_POD["pod_spec_config"],
-    "containers": [GPU_POD["container_config"]],
-}
+
+
+class MixedRunError(DagsterInvariantViolationError):
+    """A run with steps both in and outside the GPU pools: the GPU side must not run it, nor the CPU side."""
 
 
 def _load_launcher(side: str, spec: Mapping[str, Any]) -> RunLauncher:
@@ -105,11 +105,25 @@ class RoutingRunLauncher(RunLauncher, ConfigurableClass):
             launcher.register_instance(instance)
 
     def side_for(self, run: DagsterRun) -> str:
-        """The side a run goes to, "gpu" or "cpu". `run_op_concurrency.all_pools` is what
-        `create_run` read from the execution plan snapshot: the pools of the steps this run
-        executes, nothing else."""
-        pools = (run.run_op_concurrency.all_pools if run.run_op_concurrency else None) or ()
-        return "gpu" if self.gpu_pools.intersection(pools) else "cpu"
+        """The side a run goes to: "gpu" when every step it executes is in a GPU pool, "cpu"
+        when none is. The pools come from the run's execution plan snapshot (the steps this run
+        executes, nothing else); a step without a pool is not a GPU step."""
+        plan = self._instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+        executed = set(plan.step_keys_to_execute)
+        pools = {step.key: step.pool for step in plan.steps if step.key in executed}
+        gpu_steps = sorted(key for key, pool in pools.items() if pool in self.gpu_pools)
+        if not gpu_steps:
+            return "cpu"
+        other_steps = sorted(set(pools) - set(gpu_steps))
+        if other_steps:
+            raise MixedRunError(
+                f"Run {run.run_id} of job {run.job_name!r} mixes GPU steps ({', '.join(gpu_steps)}) with "
+                f"steps outside the pools {sorted(self.gpu_pools)} ({', '.join(other_steps)}), so neither "
+                "launcher takes it. GPU assets belong in the GPU code location "
+                "(rugpt_assets.gpu_definitions) and everything else outside it; a run never spans two "
+                "code locations."
+            )
+        return "gpu"
 
     def _started(self, run: DagsterRun) -> RunLauncher:
         # Runs launched before this launcher was configured carry no tag: route them afresh.

@@ -84,6 +84,30 @@ def download_base_model(repo: str, revision: str, out_dir: Path, token: str | No
     return info.sha
 
 
+def local_snapshot_files(src_dir: Path) -> list[Path]:
+    """The files of a hub snapshot already on disk (a mirror, or a model written locally) that a
+    download would take: safetensors when there are any, else the `.bin` shards."""
+    import fnmatch
+
+    src_dir = Path(src_dir).resolve()
+    names = sorted(p.name for p in src_dir.iterdir() if p.is_file()) if src_dir.is_dir() else []
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    patterns = OTHER_PATTERNS + (WEIGHT_PATTERNS if has_safetensors else BIN_PATTERNS)
+    chosen = [n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in patterns)]
+    if not any(n.endswith((".safetensors", ".bin")) for n in chosen) or "config.json" not in chosen:
+        raise FileNotFoundError(f"{src_dir} holds no model snapshot (config.json and *.safetensors or *.bin shards)")
+    return [src_dir / n for n in chosen]
+
+
+def copy_local_snapshot(src_dir: Path, out_dir: Path) -> None:
+    """Copy `local_snapshot_files` into `out_dir`, `.bin` shards converted."""
+    files = local_snapshot_files(src_dir)
+    for path in files:
+        shutil.copyfile(path, Path(out_dir) / path.name)
+    if not any(path.suffix == ".safetensors" for path in files):
+        convert_bin_to_safetensors(Path(out_dir))
+
+
 def convert_bin_to_safetensors(model_dir: Path) -> None:
     """Rewrite `pytorch_model*.bin` shards as `model*.safetensors`, one shard in memory at a time."""
     import torch
@@ -218,14 +242,29 @@ def _build_hub_snapshot(repo: str, commit: str, token: str | None, out_dir: Path
     return {"repo": repo, "revision": commit}
 
 
+def _build_local_snapshot(src_dir: Path, out_dir: Path) -> dict[str, Any]:
+    copy_local_snapshot(src_dir, out_dir)
+    apply_rugpt_fixes(out_dir)
+    return {"repo": "local", "revision": str(Path(src_dir).resolve())}
+
+
 def _build_demo_snapshot(texts: list[str], out_dir: Path) -> dict[str, Any]:
     return {**demo_model.build_demo_model(texts, out_dir), "repo": "demo (built locally)"}
 
 
-def materialize_base_model(model_dir: Path, repo: str | None, revision: str, token: str | None, samples_dir: Path) -> Snapshot:
-    """`repo@revision` with the seed's fixes, or (no repo) the demo model built from the texts in
-    `samples_dir`; reused from `model_dir` when an intact snapshot of the same thing is there."""
-    if repo:
+def materialize_base_model(
+    model_dir: Path, repo: str | None, revision: str, token: str | None, samples_dir: Path, local_dir: Path | None = None
+) -> Snapshot:
+    """The snapshot in `local_dir` (copied), else `repo@revision`, each with the seed's fixes, or
+    (neither) the demo model built from the texts in `samples_dir`; reused from `model_dir` when
+    an intact snapshot of the same thing is there. A local snapshot is the same thing while its
+    files keep their names, sizes and modification times (not re-hashed: it may be 26 GB)."""
+    if local_dir:
+        files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in local_snapshot_files(local_dir)]  # JSON-shaped
+        identity = {"builder": "local", "path": str(Path(local_dir).resolve()), "files": files,
+                    "version": HUB_SNAPSHOT_VERSION}  # fmt: skip
+        build = functools.partial(_build_local_snapshot, Path(local_dir))
+    elif repo:
         commit = resolve_revision(repo, revision, token)
         identity = {"builder": "hub", "repo": repo, "revision": commit, "version": HUB_SNAPSHOT_VERSION}
         build = functools.partial(_build_hub_snapshot, repo, commit, token)

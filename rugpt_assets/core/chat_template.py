@@ -1,4 +1,4 @@
-"""The gigasaiga chat template and only-target-loss tokenization (DESIGN §4).
+"""The gigasaiga chat template and only-target-loss tokenization (docs/ARCHITECTURE.md, "Training").
 
 Every message renders as ``<s>{role}\\n{content}</s>\\n``; the text carries ``<s>``/``</s>`` as
 literal special tokens, which the tokenizer maps to ruGPT-3.5's ids 2/3. A chat that does not

@@ -21,7 +21,7 @@ from rugpt_assets.core.artifacts import atomic_file
 
 # Perplexity bound of the asset check, relative to the f16 file's perplexity:
 #     max increase = SAFETY_FACTOR * published increase + NOISE_SLACK
-# The published figures (llama.cpp, LLaMA-13B, wikitext; DESIGN §5) are what a 13B model
+# The published figures (llama.cpp, LLaMA-13B, wikitext; docs/ARCHITECTURE.md, "GGML files") are what a 13B model
 # loses. A LoRA-tuned ruGPT-3.5-13B should land near them; a factor of 3 leaves room for
 # another model family and text domain. The slack covers the evaluation itself: a few dozen
 # validation chats, where a tiny model's delta is first-order noise of either sign (the demo

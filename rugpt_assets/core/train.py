@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of the GPT-2 base on the chat set (DESIGN §4, §7): a plain loop, not HF Trainer.
+"""LoRA fine-tuning of the GPT-2 base on the chat set (docs/ARCHITECTURE.md, "Training"): a plain loop, not HF Trainer.
 
 Run ``python -m rugpt_assets.core.train --config job.json`` (under ``torchrun --nproc_per_node N``
 for DDP), or call `train_lora` in-process. ``job.json`` holds the `TrainJob` paths and a
@@ -10,10 +10,8 @@ Resume. Checkpoints live in ``runs_dir/<run key>/checkpoint-<step>/`` (LoRA weig
 scheduler, grad scaler, step, history). The run key hashes the TrainConfig, the world size, the
 bytes of the train/val files and the base model's content hash (the one its snapshot manifest
 recorded, see `base_model`; hashed from the files when there is no manifest). A run with the
-same key continues from its latest checkpoint; anything else starts fresh. Data order and
-dropout masks are functions of (seed, step, rank), so the step is all the data position and RNG
-state a resumed run needs to repeat the uninterrupted one. Started with ``--stop-with-parent``
-(as Dagster starts it), the trainer stops when its launcher dies.
+same key continues from its latest checkpoint; anything else starts fresh. Data order and dropout masks are functions of (seed, step, rank), so the step is
+all the data position and RNG state a resumed run needs to repeat the uninterrupted one.
 
 Loss. Every optimizer step averages next-token cross-entropy over all target tokens of its
 rows, whichever micro-batch or rank they land on; so packing, gradient accumulation and DDP
@@ -22,7 +20,6 @@ change the arithmetic grouping only.
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import base64
 import hashlib
@@ -55,13 +52,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from rugpt_assets.core import base_model
 from rugpt_assets.core.artifacts import atomic_dir, atomic_file, read_jsonl, sha256_file
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
-from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
+from rugpt_assets.core.configs import TRAIN_CONFIG_FILE, TrainConfig, from_dict, to_dict
 from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "packed_varlen")  # packed_varlen: see `packing`
 JOB_PATHS = ("base_model_dir", "train_path", "val_path", "output_dir", "runs_dir")
 # Bump by hand whenever the adapter this module produces changes (Dagster code_version).
 TRAINER_VERSION = "1"
@@ -128,8 +124,6 @@ class Runtime:
 def start_runtime(cfg: TrainConfig) -> Runtime:
     """Device, precision and DDP rank; rejects settings that cannot run here before anything loads."""
     cuda = torch.cuda.is_available()
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={cfg.device!r}: use 'auto', 'cpu' or 'cuda'")
     if cfg.device == "cuda" and not cuda:
         raise ValueError("device='cuda' but no CUDA GPU is visible: set device to 'auto' or 'cpu'")
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -138,14 +132,10 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
 
     if cfg.precision == "auto":
         dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
-    elif cfg.precision in PRECISIONS:
-        dtype = PRECISIONS[cfg.precision]
     else:
-        raise ValueError(f"precision={cfg.precision!r}: use 'auto', 'bf16', 'fp16' or 'fp32'")
+        dtype = PRECISIONS[cfg.precision]
     if dtype == torch.float16 and not on_gpu:
         raise ValueError("precision='fp16' needs a CUDA GPU: use 'fp32' (or 'bf16') on the CPU")
-    if cfg.load_in_8bit and cfg.load_in_4bit:
-        raise ValueError("load_in_8bit and load_in_4bit are both true: set one of them to false")
     for flag in ("load_in_8bit", "load_in_4bit"):
         if getattr(cfg, flag) and not on_gpu:
             raise ValueError(
@@ -154,8 +144,6 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
             )
         if getattr(cfg, flag) and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(f"{flag}=true needs bitsandbytes: pip install 'rugpt-assets[gpu]', or set {flag} to false")
-    if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={cfg.attn_implementation!r}: use one of {ATTN_IMPLEMENTATIONS}")
     if cfg.attn_implementation == "packed_varlen" and not (on_gpu and dtype in (torch.bfloat16, torch.float16)):
         raise ValueError(
             "attn_implementation='packed_varlen' needs a CUDA GPU and precision bf16 or fp16: use 'sdpa' here"
@@ -173,7 +161,7 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig:
-    # GPT-2's Conv1D stores weights transposed: fan_in_fan_out (DESIGN §4).
+    # GPT-2's Conv1D stores weights transposed: fan_in_fan_out (docs/ARCHITECTURE.md, "Training").
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -272,6 +260,14 @@ def make_rows(chats: Sequence[TokenizedChat], cfg: TrainConfig) -> list[Row]:
     return [[chats[i] for i in row] for row in pack([len(c) for c in chats], cfg.pack_tokens)]
 
 
+def batch_shape(cfg: TrainConfig) -> tuple[int, int] | None:
+    """The one micro-batch shape of a run with compiled blocks and packing: ``pack_tokens`` long,
+    short micro-batches completed with padding rows. Compiled blocks recompile for every new
+    shape (and after the first, compile for any shape, which is slower); eager runs pad only to
+    the longest row, which costs less."""
+    return (cfg.per_device_batch_size, cfg.pack_tokens) if cfg.packing and cfg.compile_blocks else None
+
+
 def rank_batches(chats: Sequence[TokenizedChat], cfg: TrainConfig, rt: Runtime) -> list[list[Row]]:
     """This rank's share of ``chats`` as micro-batches of ``per_device_batch_size`` rows."""
     rows = make_rows(chats[rt.rank :: rt.world_size], cfg)
@@ -347,13 +343,20 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[Sequence[Row]], filler_id: int, rt: Runtime) -> float:
-    """Mean next-token loss over all target tokens of every rank's ``batches``."""
+def evaluate(
+    model: torch.nn.Module,
+    batches: Sequence[Sequence[Row]],
+    filler_id: int,
+    rt: Runtime,
+    shape: tuple[int, int] | None = None,
+) -> float:
+    """Mean next-token loss over all target tokens of every rank's ``batches`` (collated to
+    ``shape``, see `batch_shape`)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
     for rows in batches:
-        batch = collate(rows, filler_id).to(rt.device)
+        batch = collate(rows, filler_id, shape).to(rt.device)
         sums[0] += loss_sum(model, batch, rt)
         sums[1] += batch.n_targets
     if rt.distributed:
@@ -506,7 +509,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict[str, Any], png: bytes) -> None:
     """adapter_config.json, adapter_model.safetensors, tokenizer, generation_config.json (from the
-    base), metrics.json and loss_curve.png; checked, then renamed into place."""
+    base), the TrainConfig (train_config.json), metrics.json and loss_curve.png; checked, then
+    renamed into place."""
     with atomic_dir(job.output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -515,6 +519,7 @@ def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict
             shutil.copy2(generation, tmp / generation.name)
         (tmp / "loss_curve.png").write_bytes(png)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(to_dict(job.config), indent=2, ensure_ascii=False), encoding="utf-8")
         saved = load_file(tmp / "adapter_model.safetensors")
         if len(saved) != len(trainable(model)) or not all(t.isfinite().all() for t in saved.values()):
             raise RuntimeError(f"adapter written to {tmp} is incomplete or not finite")
@@ -551,7 +556,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
             "processes): lower those or add data"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * plan.steps_per_epoch))
-    val_batches = rank_batches(val_chats, cfg, rt)
+    val_batches, shape = rank_batches(val_chats, cfg, rt), batch_shape(cfg)
     run, key = open_run(job, rt)
 
     model = load_lora_model(job.base_model_dir, cfg, rt)
@@ -563,7 +568,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         reporter.log(f"resuming from {latest[0]} (step {state['step']})")
     else:
         with model.disable_adapter():  # LoRA B starts at 0 anyway: this is the untouched base
-            base_eval_loss = evaluate(model, val_batches, filler_id, rt)
+            base_eval_loss = evaluate(model, val_batches, filler_id, rt, shape)
         state = {"run_key": key, "step": 0, "base_eval_loss": base_eval_loss, "losses": [], "evals": []}
         state |= {"tokens_seen": 0, "train_time_s": 0.0}
     resumed_from_step = state["step"]
@@ -581,7 +586,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         torch.manual_seed(cfg.seed + step * rt.world_size + rt.rank)  # dropout masks: a function of the step
         t0 = time.perf_counter()
         chats = plan.step_chats(step)
-        batches = [collate(rows, filler_id).to(rt.device) for rows in rank_batches(chats, cfg, rt)]
+        batches = [collate(rows, filler_id, shape).to(rt.device) for rows in rank_batches(chats, cfg, rt)]
         lr = optimizer.param_groups[0]["lr"]
         n_targets, tokens = sum(c.n_targets for c in chats), sum(len(c) for c in chats)
         loss, grad_norm = train_step(ddp, optimizer, scheduler, scaler, batches, n_targets, cfg, rt)
@@ -596,7 +601,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         )
         last = step + 1 == total_steps
         if (step + 1) % cfg.eval_steps == 0 or last:
-            state["evals"].append([step + 1, evaluate(model, val_batches, filler_id, rt)])
+            state["evals"].append([step + 1, evaluate(model, val_batches, filler_id, rt, shape)])
             reporter.log(f"step {step + 1} eval loss {state['evals'][-1][1]:.4f}")
         if rt.is_main and ((step + 1) % cfg.save_steps == 0 or last):
             save_checkpoint(run, model, optimizer, scheduler, scaler, state)
@@ -640,34 +645,27 @@ def _rank_divergence(model: torch.nn.Module, rt: Runtime) -> float:
     return max((g - flat).abs().max().item() for g in gathered)
 
 
-def stop_when_parent_dies(poll_s: float = 1.0) -> None:
-    """Interrupt this process (as Ctrl+C does) as soon as the process that started it is gone.
-
-    A trainer whose Dagster run worker was killed would otherwise train on, holding the GPU,
-    while run monitoring fails the dead run and frees its `gpu` slot and the next run resumes
-    from the same checkpoints. Interrupted, it unwinds: temporaries go, nothing is published.
-    """
-    parent = os.getppid()
+def exit_with_launcher(poll_s: float = 1.0) -> None:
+    """End this process once the one that started it (the Dagster run worker, torchrun's agent,
+    a shell) is gone. A trainer left running alone holds the GPU and keeps writing checkpoints
+    into the run directory that the next run of the same job resumes from."""
+    launcher = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == launcher:
             time.sleep(poll_s)
-        log.error("the process that started this trainer (pid %d) is gone: stopping", parent)
-        _thread.interrupt_main()
+        log.error("the process that started this trainer (pid %d) is gone: exiting", launcher)
+        os._exit(1)
 
-    threading.Thread(target=watch, name="stop-when-parent-dies", daemon=True).start()
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="LoRA-tune a GPT-2 base on chat jsonl files.")
     parser.add_argument("--config", type=Path, required=True, help="job JSON: TrainJob paths and 'train' settings")
-    parser.add_argument(
-        "--stop-with-parent", action="store_true", help="stop when the process that started this one dies"
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
-    if args.stop_with_parent:
-        stop_when_parent_dies()
+    exit_with_launcher()
     job = TrainJob.from_json(args.config)
     if os.environ.get("DAGSTER_PIPES_CONTEXT") and int(os.environ.get("RANK", "0")) == 0:
         from dagster_pipes import open_dagster_pipes

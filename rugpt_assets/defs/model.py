@@ -1,9 +1,14 @@
-"""The model half: `base_model` → `lora_adapter` (GPU pool, via Pipes) → `merged_model`."""
+"""The model half: `base_model` → `lora_adapter` (GPU pool, via Pipes) → `merged_model`.
+
+`lora_adapter` belongs to the GPU code location (`rugpt_assets.gpu_definitions`), the other two
+to the CPU one (`rugpt_assets.definitions`); the dependencies between them are plain asset keys.
+"""
 
 import json
 import math
 import os
 import time
+from pathlib import Path
 
 import dagster as dg
 
@@ -23,6 +28,8 @@ MergeRunConfig = settings.launchpad_config("MergeRunConfig", PROFILE.merge)
 class BaseModelConfig(dg.Config):
     repo: str | None = PROFILE.base_model_repo  # None: the tiny demo GPT-2 built here
     revision: str = PROFILE.base_model_revision
+    # A snapshot on disk (RUGPT_BASE_MODEL_DIR) instead of the hub: copied, not downloaded.
+    local_dir: str | None = str(PROFILE.base_model_dir) if PROFILE.base_model_dir else None
     token_env_var: str = "HF_TOKEN"
 
 
@@ -34,7 +41,8 @@ class BaseModelConfig(dg.Config):
     code_version="1",
     description=(
         "The base model as safetensors: a pinned snapshot of `ai-forever/ruGPT-3.5-13B` with the "
-        "seed's tokenizer/generation fixes (profile `rugpt35`), or a tiny deterministic GPT-2 with "
+        "seed's tokenizer/generation fixes (profile `rugpt35`; `RUGPT_BASE_MODEL_DIR` copies a snapshot "
+        "already on disk instead), or a tiny deterministic GPT-2 with "
         "the same special tokens trained on the bundled samples (profile `demo`). Written once: "
         "materialized again with the same revision (or demo recipe), it re-verifies the files' "
         "sha256 against the snapshot's manifest and reuses them; its data version is the content hash. "
@@ -47,7 +55,10 @@ def base_model(
     target = storage.layout.base_model
     token = os.environ.get(config.token_env_var)
     started = time.perf_counter()
-    snapshot = materialize_base_model(target, config.repo, config.revision, token, settings.BUNDLED_SAMPLES_DIR)
+    snapshot = materialize_base_model(
+        target, config.repo, config.revision, token, settings.BUNDLED_SAMPLES_DIR,
+        Path(config.local_dir) if config.local_dir else None,
+    )
     seconds = time.perf_counter() - started
     if snapshot.reused:
         context.log.info(f"reused the base model snapshot in {target} ({len(snapshot.files)} files verified in {seconds:.1f} s)")
@@ -78,6 +89,17 @@ def base_model(
     pool="gpu",
     code_version=train.TRAINER_VERSION,
     automation_condition=training_condition(),
+    # Checked inside the training step. A check step of its own would be a second `gpu`-pool step
+    # claiming the slot again after training freed it: a queued training could start in between
+    # and this run's check would wait for all of it.
+    check_specs=[
+        dg.AssetCheckSpec(
+            "eval_loss_below_base",
+            asset="lora_adapter",
+            blocking=True,
+            description="Eval loss is finite and below the untouched base model's.",
+        )
+    ],
     description=(
         "A LoRA adapter (PEFT; seed recipe r 16, alpha 16, dropout 0.05 on `c_attn`) trained on "
         "`chat_set` with the gigasaiga template and only-target loss, in its own process via Dagster "
@@ -111,10 +133,10 @@ def lora_adapter(
         result = trainer.run(context, job_path)
     finally:
         job_path.unlink(missing_ok=True)
-    return result.get_materialize_result()
+    yield result.get_materialize_result()
+    yield eval_loss_below_base(storage)
 
 
-@dg.asset_check(asset=lora_adapter, blocking=True, description="Eval loss is finite and below the untouched base model's.")
 def eval_loss_below_base(storage: StorageResource) -> dg.AssetCheckResult:
     metrics = json.loads((storage.layout.lora_adapter / "metrics.json").read_text())
     eval_loss, base_loss = metrics["eval_loss"], metrics["base_eval_loss"]

@@ -189,3 +189,27 @@ def test_untouched_tree_keeps_its_content_hash_after_new_timestamps(tmp_path):
         os.utime(p, ns=(1, 1))
     assert snapshot_problem(tmp_path / "base", IDENTITY) is None
     assert content_sha256(tmp_path / "base") == snapshot.content_sha256
+
+
+def test_local_snapshot_is_copied_with_the_fixes_and_reused_until_it_changes(tmp_path):
+    """RUGPT_BASE_MODEL_DIR: a snapshot on disk in the hub layout is taken like a download
+    (weights, config, tokenizer files; nothing else), reused while its files stay the same."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "config.json").write_text(json.dumps({"n_layer": 10, "eos_token_id": 50256}))
+    (mirror / "model-00001-of-00001.safetensors").write_bytes(b"w" * 1000)
+    (mirror / "tokenizer.json").write_text("{}")
+    (mirror / "README.md").write_text("not part of a model")
+    first = materialize_base_model(tmp_path / "base", "org/model", "main", None, tmp_path, local_dir=mirror)
+    copied = {p.name for p in (tmp_path / "base").iterdir() if p.is_file()}
+    assert not first.reused and "README.md" not in copied
+    assert {"config.json", "model-00001-of-00001.safetensors", "tokenizer.json", "generation_config.json"} <= copied
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["eos_token_id"] == 3  # the seed's fixes
+    assert first.summary["revision"] == str(mirror.resolve())
+    assert materialize_base_model(tmp_path / "base", None, "main", None, tmp_path, local_dir=mirror).reused
+
+    (mirror / "model-00001-of-00001.safetensors").write_bytes(b"v" * 1001)
+    changed = materialize_base_model(tmp_path / "base", None, "main", None, tmp_path, local_dir=mirror)
+    assert not changed.reused and changed.content_sha256 != first.content_sha256
+    with pytest.raises(FileNotFoundError, match="holds no model snapshot"):
+        materialize_base_model(tmp_path / "other", None, "main", None, tmp_path, local_dir=tmp_path / "missing")

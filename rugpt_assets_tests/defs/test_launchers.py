@@ -1,4 +1,4 @@
-"""RoutingRunLauncher on a real instance configured like the proposed root dagster.yaml."""
+"""RoutingRunLauncher on a real instance configured like the root dagster.yaml."""
 
 import json
 import logging
@@ -29,7 +29,7 @@ from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
 )
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
-from rugpt_assets.launchers import LAUNCHER_TAG, RoutingRunLauncher, process_alive
+from rugpt_assets.launchers import LAUNCHER_TAG, MixedRunError, RoutingRunLauncher, process_alive
 from rugpt_assets_tests.defs.stand_ins import STAND_IN_DEFS
 
 PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[2] / "dagster.yaml"
@@ -114,10 +114,7 @@ def sub_launcher(instance: dg.DagsterInstance, side: str) -> RecordingLauncher:
     return launcher.launchers[side]
 
 
-@pytest.mark.parametrize(
-    "assets, side",
-    [(["lora_adapter"], "gpu"), (["chat_set"], "cpu"), (["chat_set", "lora_adapter"], "gpu")],
-)
+@pytest.mark.parametrize("assets, side", [(["lora_adapter"], "gpu"), (["chat_set"], "cpu")])
 def test_run_goes_to_the_launcher_of_its_pools(assets, side):
     with routed_instance() as instance:
         run = create_run(instance, *assets)
@@ -129,6 +126,36 @@ def test_run_goes_to_the_launcher_of_its_pools(assets, side):
         # The sub-launcher already sees the tag, and so does the stored run.
         assert sub_launcher(instance, side).launched[0].tags[LAUNCHER_TAG] == side
         assert instance.get_run_by_id(run.run_id).tags[LAUNCHER_TAG] == side
+
+
+@dg.asset(pool="gpu", name="lora_adapter")
+def checked_lora_adapter() -> None: ...
+
+
+@dg.asset_check(asset=checked_lora_adapter)
+def check_without_pool() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=True)
+
+
+GPU_ASSET_WITH_CPU_CHECK = dg.Definitions(assets=[checked_lora_adapter], asset_checks=[check_without_pool])
+
+
+@pytest.mark.parametrize(
+    "job, other_step",
+    [
+        # A CPU asset and the GPU asset in one run (one code location holding both).
+        (ASSET_JOB.get_subset(asset_selection={dg.AssetKey("chat_set"), dg.AssetKey("lora_adapter")}), "chat_set"),
+        # A step without any pool is not a GPU step either: here a separate check op.
+        (GPU_ASSET_WITH_CPU_CHECK.resolve_implicit_global_asset_job_def(), "lora_adapter_check_without_pool"),
+    ],
+)
+def test_run_mixing_gpu_and_other_steps_is_refused(job, other_step):
+    with routed_instance() as instance:
+        run = instance.create_run_for_job(job, remote_job_origin=JOB_ORIGIN)
+        with pytest.raises(MixedRunError, match=rf"GPU steps \(lora_adapter\).*\({other_step}\)"):
+            instance.launch_run(run.run_id, workspace=None)
+        assert sub_launcher(instance, "gpu").launched == sub_launcher(instance, "cpu").launched == []
+        assert LAUNCHER_TAG not in instance.get_run_by_id(run.run_id).tags
 
 
 def test_later_calls_go_to_the_launcher_that_started_the_run():
@@ -225,6 +252,20 @@ def test_second_gpu_run_stays_queued_while_the_first_trains(no_grace_for_started
         assert status(instance, second) == DagsterRunStatus.STARTING
         launched = [r.run_id for r in sub_launcher(instance, "gpu").launched]
         assert launched == [first.run_id, second.run_id]
+
+
+def test_queued_mixed_run_fails_with_the_reason_and_launches_nothing():
+    with routed_instance() as instance, queue(instance) as (submit, tick):
+        mixed = submit("chat_set", "lora_adapter")
+        tick()
+        assert status(instance, mixed) == DagsterRunStatus.FAILURE
+        assert sub_launcher(instance, "gpu").launched == sub_launcher(instance, "cpu").launched == []
+        errors = [
+            e.dagster_event.engine_event_data.error.message
+            for e in instance.all_logs(mixed.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+            if e.dagster_event.engine_event_data.error
+        ]
+        assert any("MixedRunError" in m and "mixes GPU steps (lora_adapter)" in m for m in errors), errors
 
 
 def test_cpu_runs_go_side_by_side_up_to_the_cpu_pool_limit():

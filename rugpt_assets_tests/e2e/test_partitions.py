@@ -18,23 +18,6 @@ from rugpt_assets_tests.e2e.dagster_dev import dagster_dev
 
 QUANT = QuantType.Q5_1
 
-LAUNCH_BACKFILL = """
-mutation ($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-  }
-}"""
-
-BACKFILL_STATUS = """
-query ($id: String!) {
-  partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } }
-}"""
-
-UNFINISHED = {"REQUESTED", "CANCELING", "FAILING"}
-
-
 def artifact_files(home: Path) -> dict[str, int]:
     """Every file under the artifact root, with its modification time."""
     root = home / "storage" / "artifacts"
@@ -90,13 +73,7 @@ def test_backfill_of_q5_1_through_the_daemon(fresh_home):
 
     with dagster_dev(fresh_home, home_env(fresh_home)) as server:
         params = {"partitionNames": [QUANT.name], "assetSelection": [{"path": ["ggml_quantized"]}]}
-        launched = server.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
-        assert launched["__typename"] == "LaunchBackfillSuccess", launched
-
-        def finished_status():
-            backfill = server.graphql(BACKFILL_STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]
-            return backfill["status"] not in UNFINISHED and backfill["status"]
-
-        assert server.wait_until(finished_status, "the backfill to finish", timeout_s=300) == "COMPLETED_SUCCESS"
+        _, status = server.backfill(params, timeout_s=300)
+        assert status == "COMPLETED_SUCCESS"
 
     assert_only_quant_added(fresh_home, files_before, materialized_before)

@@ -3,13 +3,13 @@ of `lora_adapter` is launched through GraphQL (what the UI's Materialize sends),
 it to the run launcher and a run worker process trains through Pipes. Once a checkpoint is saved,
 the run worker and the trainer are SIGKILLed, and the rest of `dagster dev` with them (a crash
 the code server cannot report). Started again, the daemon's run monitoring fails the dead run and
-frees its `gpu` slot, so the next training starts. Then `lora_adapter` is materialized again as a new run, by
-"re-execute from failure", and by the whole-graph job launched from scratch, each from the state
-the kill left (the checkpoint folder is put back as it was between them): each resumes from the
-checkpoint, continues the loss history, and ends with the LoRA weights of an uninterrupted
-training.
+frees its `gpu` slot, so the next training starts. Then `lora_adapter` is materialized again as
+a new run, by "re-execute from failure", and by the whole-graph jobs (prepare, train, export)
+launched from scratch, each from the state the kill left (the checkpoint folder is put back as
+it was between them): each resumes from the checkpoint, continues the loss history, and ends
+with the LoRA weights of an uninterrupted training.
 
-The automation sensor is stopped here: only the runs the test launches run.
+The automation sensors are stopped here: only the runs the test launches run.
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ from rugpt_assets.launchers import run_worker_pid
 from rugpt_assets_tests.e2e.conftest import home_env
 from rugpt_assets_tests.e2e.dagster_dev import DagsterDev, dagster_dev
 
-# What the test launches, by name. The code location holding each is looked up, so moving the
-# asset or the job to another location changes nothing here; a renamed or split whole-graph
-# job changes WHOLE_GRAPH_JOB.
+# What the test launches, by name. The code location holding each is looked up. The whole graph
+# is three jobs in two code locations (a run never spans two), launched one after the other.
 TRAINED_ASSET = "lora_adapter"
-WHOLE_GRAPH_JOB = "train_and_export"
+PREPARE_JOB, TRAIN_JOB, EXPORT_JOB = "prepare", "train", "export"
 
 # The demo profile's training, shorter, with a checkpoint every 4 steps.
 TRAIN_OVERRIDES = {"max_steps": 16, "save_steps": 4, "eval_steps": 8}
@@ -103,8 +102,8 @@ def launched_run_id(result: dict) -> str:
     return result["run"]["runId"]
 
 
-def launch(server: DagsterDev, selector: dict) -> str:
-    params = {"selector": selector, "runConfigData": RUN_CONFIG}
+def launch(server: DagsterDev, selector: dict, run_config: dict = RUN_CONFIG) -> str:
+    params = {"selector": selector, "runConfigData": run_config}
     return launched_run_id(server.graphql(LAUNCH_RUN, {"params": params})["launchRun"])
 
 
@@ -329,15 +328,20 @@ def test_reexecution_from_failure_resumes(server, instance, layout, after_kill, 
 
 
 @pytest.mark.e2e
-def test_whole_graph_job_from_scratch_resumes_and_reuses_the_base_model(server, instance, layout, after_kill, reference):
+def test_whole_graph_jobs_from_scratch_resume_and_reuse_the_base_model(server, instance, layout, after_kill, reference):
     base_model_version = data_version(instance, "base_model")
-    again = launch(server, job_selector(server, WHOLE_GRAPH_JOB))
-    assert wait_for_end(server, instance, again, extra_s=600) == "SUCCESS"
-    assert_resumed(instance, layout, again, after_kill.step, reference)
-
+    prepare = launch(server, job_selector(server, PREPARE_JOB), run_config={})
+    assert wait_for_end(server, instance, prepare, extra_s=300) == "SUCCESS"
     # base_model was verified and reused: same data version, nothing rebuilt.
-    messages = [e.user_message for e in instance.all_logs(again)]
+    messages = [e.user_message for e in instance.all_logs(prepare)]
     assert any(m.startswith("reused the base model snapshot") for m in messages)
     assert data_version(instance, "base_model") == base_model_version
+
+    again = launch(server, job_selector(server, TRAIN_JOB))
+    assert wait_for_end(server, instance, again) == "SUCCESS"
+    assert_resumed(instance, layout, again, after_kill.step, reference)
+
     # And the rest of the graph followed from the resumed adapter.
-    assert instance.get_latest_materialization_event(dg.AssetKey("ggml_f16")).run_id == again
+    export = launch(server, job_selector(server, EXPORT_JOB), run_config={})
+    assert wait_for_end(server, instance, export, extra_s=600) == "SUCCESS"
+    assert instance.get_latest_materialization_event(dg.AssetKey("ggml_f16")).run_id == export
