@@ -8,21 +8,42 @@ from rugpt_assets import settings
 from rugpt_assets.defs import checks, data, export, model
 from rugpt_assets.defs.automation import automation_sensor, observe_cron
 from rugpt_assets.defs.resources import SourcesResource, StorageResource, TrainerResource
+from rugpt_assets.core.gguf_eval import llama_available
 from rugpt_assets.defs.sources import observed_sources, raw_snapshots
 
 PROFILE = settings.active_profile()
 
-everything_but_quantized = dg.AssetSelection.all() - dg.AssetSelection.assets(export.ggml_quantized)
+# The GGUF assets need llama-cpp-python (the `gguf` extra, compiled on install); without it the
+# code location is the GGML export alone.
+if llama_available():
+    from rugpt_assets.defs.gguf import gguf_assets, gguf_checks, gguf_quantized
+else:
+    gguf_assets, gguf_checks, gguf_quantized = [], [], None
+
+everything_but_quantized = dg.AssetSelection.all() - dg.AssetSelection.assets(
+    export.ggml_quantized, *([gguf_quantized] if gguf_quantized else [])
+)
 
 train_and_export_job = dg.define_asset_job(
     "train_and_export",
     selection=everything_but_quantized,
-    description="Sources → chat_set → lora_adapter → merged_model → ggml_f16, in one run.",
+    description="Sources → chat_set → lora_adapter → merged_model → ggml_f16 (and gguf_f16), in one run.",
 )
 quantize_job = dg.define_asset_job(
     "quantize",
     selection=dg.AssetSelection.assets(export.ggml_quantized),
     description="One GGML quantization type per run (pick the partition).",
+)
+quantize_gguf_jobs = (
+    [
+        dg.define_asset_job(
+            "quantize_gguf",
+            selection=dg.AssetSelection.assets(gguf_quantized),
+            description="One GGUF quantization type per run (pick the partition).",
+        )
+    ]
+    if gguf_quantized
+    else []
 )
 observe_sources_job = dg.define_asset_job(
     "observe_sources",
@@ -55,9 +76,10 @@ defs = dg.Definitions(
         model.merged_model,
         export.ggml_f16,
         export.ggml_quantized,
+        *gguf_assets,
     ],
-    asset_checks=[model.eval_loss_below_base, *checks.export_checks],
-    jobs=[train_and_export_job, quantize_job, observe_sources_job],
+    asset_checks=[model.eval_loss_below_base, *checks.export_checks, *gguf_checks],
+    jobs=[train_and_export_job, quantize_job, *quantize_gguf_jobs, observe_sources_job],
     schedules=[observe_sources_schedule],
     sensors=[automation_sensor],
     resources=resources_for(PROFILE),

@@ -174,10 +174,22 @@ def greedy_agreement(ggml_path: Path, model_dir: Path, prompt: str, n: int, thre
 
 
 Scored = list[tuple[torch.Tensor, torch.Tensor]]  # per chat: log-probs (tokens, vocab), target ids
+# A model as evaluation sees it: token ids → next-token logits at every position (len(ids), vocab).
+LogitsFn = Callable[[list[int]], torch.Tensor]
+
+
+def hf_logits(model) -> LogitsFn:
+    """An HF causal LM as a `LogitsFn`."""
+    return lambda ids: model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def evaluation_chats(val_chats: Sequence[dict], export: ExportConfig) -> list[dict]:
+    """The validation chats every exported file is scored on (GGML and GGUF alike)."""
+    return list(val_chats)[: export.eval_chats]
 
 
 @torch.inference_mode()
-def score_chats(model, tokenizer, chats: Sequence[dict], max_tokens: int, system_prompt: str) -> Scored:
+def score_chats(logits_of: LogitsFn, tokenizer, chats: Sequence[dict], max_tokens: int, system_prompt: str) -> Scored:
     """Next-token log-probabilities at the target (bot) positions of each chat."""
     scored = []
     for chat in chats:
@@ -185,7 +197,7 @@ def score_chats(model, tokenizer, chats: Sequence[dict], max_tokens: int, system
         targets = torch.tensor(labels[1:], dtype=torch.long)
         keep = targets != IGNORE_INDEX
         if keep.any():
-            logits = model(input_ids=torch.tensor([input_ids])).logits[0, :-1]
+            logits = logits_of(input_ids)[:-1]
             scored.append((logits[keep].float().log_softmax(-1), targets[keep]))
     if not scored:
         raise ValueError(f"none of the {len(chats)} chats has a bot message within {max_tokens} tokens")
@@ -208,7 +220,22 @@ def perplexity(
     model, tokenizer, chats: Sequence[dict], max_tokens: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT
 ) -> float:
     """Only-target perplexity over `chats` (rows with `messages`), see the module docstring."""
-    return _perplexity(score_chats(model, tokenizer, chats, max_tokens, system_prompt))
+    return _perplexity(score_chats(hf_logits(model), tokenizer, chats, max_tokens, system_prompt))
+
+
+def quality(score: Callable[[Path], Scored], path: Path, f16_path: Path | None) -> dict:
+    """Perplexity of the file at `path` and, with `f16_path` (its source), the mean KL divergence
+    of its next-token distributions from the f16 file's on the same target tokens. `score`
+    gives one file's `Scored` on the evaluation chats.
+
+    Unlike a perplexity delta, which on a small model is dominated by first-order noise of
+    either sign, KL is never negative and grows with the rounding error, so it ranks the types
+    reliably; it costs a second pass over the chats."""
+    scored = score(Path(path))
+    numbers = {"perplexity": _perplexity(scored)}
+    if f16_path is not None and Path(f16_path).resolve() != Path(path).resolve():
+        numbers["kl_to_f16"] = _kl_divergence(score(Path(f16_path)), scored)
+    return numbers
 
 
 def evaluate_ggml_file(
@@ -221,11 +248,7 @@ def evaluate_ggml_file(
     """Every number an export asset reports about one GGML file.
 
     `model_dir` (the merged model) provides the architecture config and the tokenizer. With
-    `f16_path` (a quantized file's source), also `ratio_to_f16` and `kl_to_f16`: the mean KL
-    divergence of this file's next-token distributions from the f16 file's on the same target
-    tokens. Unlike a perplexity delta, which on a small model is dominated by first-order
-    noise of either sign, KL is never negative and grows with the rounding error, so it ranks
-    the types reliably; it costs a second forward pass over the chats.
+    `f16_path` (a quantized file's source), also `ratio_to_f16` and `kl_to_f16` (`quality`).
     """
     from transformers import AutoTokenizer
 
@@ -237,20 +260,17 @@ def evaluate_ggml_file(
     del model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    chats = list(val_chats)[: export.eval_chats]
+    chats = evaluation_chats(val_chats, export)
 
     def score(ggml_path: Path) -> Scored:
         hf_model = ggml.ggml_to_hf_model(ggml_path, model_dir)
-        return score_chats(hf_model, tokenizer, chats, export.eval_max_tokens, DEFAULT_SYSTEM_PROMPT)
+        return score_chats(hf_logits(hf_model), tokenizer, chats, export.eval_max_tokens, DEFAULT_SYSTEM_PROMPT)
 
-    scored = score(path)
-    if f16_path is not None and Path(f16_path).resolve() != path.resolve():
-        numbers["kl_to_f16"] = _kl_divergence(score(Path(f16_path)), scored)
     return {
         **numbers,
+        **quality(score, path, f16_path),
         "load_time_s": load_time,
         "generation_tokens_per_s": sample.tokens_per_s,
-        "perplexity": _perplexity(scored),
         "eval_chats": len(chats),
         "sample_prompt": export.check_prompt,
         "sample_text": sample.text,
