@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,8 +80,8 @@ class Runtime:
     """One loaded file behind the chat loop, whichever the format."""
 
     n_ctx: int
-    count_tokens: object  # text -> number of tokens
-    generate: object  # (prompt, max_new_tokens, sampling, on_text, seed) -> evaluate.Generation
+    count_tokens: Callable[[str], int]
+    generate: Callable[..., object]  # (prompt, max_new_tokens, sampling=, on_text=, seed=) -> evaluate.Generation
     load_time_s: float
 
 

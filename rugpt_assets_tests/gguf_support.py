@@ -14,3 +14,14 @@ def require_llama_cpp() -> None:
     if os.environ.get("RUGPT_REQUIRE_GGUF") == "1":
         pytest.fail("RUGPT_REQUIRE_GGUF=1 but llama-cpp-python (the gguf extra) is not installed", pytrace=False)
     pytest.skip("needs llama-cpp-python: install the project with the gguf extra", allow_module_level=True)
+
+
+def require_go() -> None:
+    """Go's text/template is Ollama's template engine; CI installs Debian's golang-go."""
+    import shutil
+
+    if shutil.which("go"):
+        return
+    if os.environ.get("RUGPT_REQUIRE_GGUF") == "1":
+        pytest.fail("RUGPT_REQUIRE_GGUF=1 but the Go toolchain (Debian golang-go) is not installed", pytrace=False)
+    pytest.skip("needs the Go toolchain (Debian golang-go)")

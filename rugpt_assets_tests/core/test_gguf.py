@@ -20,6 +20,7 @@ from rugpt_assets.core import gguf
 from rugpt_assets.core.chat_template import jinja_chat_template, render_prompt
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, GenerationConfig
 from rugpt_assets_tests.core.test_ggml import demo_export, random_gpt2
+from rugpt_assets_tests.gguf_support import require_go
 
 CARD = gguf.ModelCard(
     name="demo gigasaiga LoRA",
@@ -164,11 +165,11 @@ def test_modelfile(export):
     assert template == '{{- range .Messages }}<s>{{ if eq .Role "assistant" }}bot{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}</s>\n{{ end }}<s>bot\n'
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="needs the Go toolchain")
-@pytest.mark.parametrize("messages", CHATS[:2])
+@pytest.mark.parametrize("messages", CHATS)
 def test_ollama_template_in_go_renders_the_training_prompt(export, messages, tmp_path):
     """Ollama's template engine is Go's text/template; given the messages as Ollama passes
     them (its SYSTEM first when the chat has none), it renders the training prompt."""
+    require_go()
     text = gguf.modelfile_path(export.gguf_f16).read_text()
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     ollama_messages = messages if messages and messages[0]["role"] == "system" else [

@@ -7,10 +7,18 @@ import pytest
 
 from rugpt_assets import settings
 from rugpt_assets.core import sources
+from rugpt_assets.core.gguf import GGUFType
+from rugpt_assets.core.gguf_eval import llama_available
 from rugpt_assets.core.quantize import QuantType
 from rugpt_assets.definitions import defs, observe_sources_job
 
-CHAIN = ["chat_set", "lora_adapter", "merged_model", "ggml_f16"]
+# The GGUF assets are in the code location when llama-cpp-python is installed (CI).
+CHAIN = ["chat_set", "lora_adapter", "merged_model", "ggml_f16", *(["gguf_f16"] if llama_available() else [])]
+# Partitioned exports and their partition keys.
+PARTITIONS = {
+    "ggml_quantized": {q.name for q in QuantType},
+    **({"gguf_quantized": {t.name for t in GGUFType}} if llama_available() else {}),
+}
 EDITED = sources.SOURCES_BY_NAME["ru_turbo_saiga"]
 
 
@@ -31,11 +39,8 @@ def observe(instance) -> None:
 def record_everything_materialized(instance) -> None:
     """Runless materializations: the automation logic only looks at the event log."""
     for key in defs.resolve_asset_graph().materializable_asset_keys:
-        if key == dg.AssetKey("ggml_quantized"):
-            for quant in QuantType:
-                instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=quant.name))
-        else:
-            instance.report_runless_asset_event(dg.AssetMaterialization(key))
+        for partition in sorted(PARTITIONS.get(key.to_user_string(), [None]), key=str):
+            instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=partition))
 
 
 def requested(result) -> set[str]:
@@ -73,12 +78,14 @@ def test_edited_source_requests_the_chain_then_nothing(instance, mirror, monkeyp
     for key in [f"raw_{EDITED.name}", *CHAIN]:
         instance.report_runless_asset_event(dg.AssetMaterialization(key))
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
-    assert requested(result) == {"ggml_quantized"}
-    assert result.get_requested_partitions(dg.AssetKey("ggml_quantized")) == {q.name for q in QuantType}
+    assert requested(result) == set(PARTITIONS)
+    for name, keys in PARTITIONS.items():
+        assert result.get_requested_partitions(dg.AssetKey(name)) == keys
 
     # Then nothing more.
-    for quant in QuantType:
-        instance.report_runless_asset_event(dg.AssetMaterialization("ggml_quantized", partition=quant.name))
+    for name, keys in PARTITIONS.items():
+        for key in keys:
+            instance.report_runless_asset_event(dg.AssetMaterialization(name, partition=key))
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
     assert result.total_requested == 0
 
