@@ -330,10 +330,18 @@ def file_figures(path: Path, f16_path: Path) -> dict:
     return weights_file_figures(path, f16_path, sum(t.n_elements for t in read_gguf(path).tensors))
 
 
+# llama.cpp quantizes every 2-D weight but this one (GPT-2's position table stays as written).
+UNQUANTIZED = frozenset({"position_embd.weight"})
+
+
 def fallbacks(contents: GGUFContents, gguf_type: GGUFType) -> dict[str, str]:
-    """2-D weights whose rows do not fit `gguf_type`'s blocks, with the type llama.cpp chose."""
+    """Weights whose rows do not fit `gguf_type`'s blocks, with the type llama.cpp chose."""
     block = gguf.GGML_QUANT_SIZES[gguf_type.main_type][0]
-    return {t.name: t.type.name for t in contents.tensors if len(t.ne) == 2 and t.ne[0] % block}
+    return {
+        t.name: t.type.name
+        for t in contents.tensors
+        if len(t.ne) == 2 and t.name not in UNQUANTIZED and t.ne[0] % block
+    }
 
 
 # ---------------------------------------------------------------------------- quantizing
@@ -380,7 +388,7 @@ def quantize_gguf(f16_path: Path, gguf_type: GGUFType, out_path: Path, threads: 
         problems = []
         if written.file_type != gguf_type.file_type:
             problems.append(f"file type {written.file_type}, expected {int(gguf_type.file_type)}")
-        if [t.name for t in written.tensors] != [t.name for t in f16.tensors]:
+        if sorted(t.name for t in written.tensors) != sorted(t.name for t in f16.tensors):  # llama.cpp reorders
             problems.append("its tensors differ from the f16 file's")
         if written.tokens != f16.tokens or written.string("tokenizer.chat_template") != f16.string("tokenizer.chat_template"):
             problems.append("its tokenizer or chat template differs from the f16 file's")

@@ -77,7 +77,7 @@ def test_openai_client_chat_and_stream(storage):
     import openai
 
     path = storage / "gguf" / "model-q5_k_m.gguf"
-    llama, _ = gguf_eval.load_llama(path, threads=1)
+    llama, _ = gguf_eval.load_llama(path, threads=1, logits_all=False)  # as the server loads it
     prompt = render_prompt(MESSAGES)  # the gigasaiga prompt, default system prompt included
     expected = gguf_eval.generate(llama, prompt, GREEDY["max_tokens"])
     assert expected.ended and expected.text  # the file's own greedy reply ends at </s>
