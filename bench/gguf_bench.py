@@ -20,6 +20,7 @@ ranks the types. --model-dir points at any GPT-2 safetensors checkpoint instead 
 the demo's merged_model), with --chats a JSONL of `{"messages": [...]}` rows.
 
     python bench/gguf_bench.py --work-dir /tmp/ggml-bench
+    python bench/gguf_bench.py --work-dir /tmp/ggml-bench --steps eval --formats GGML   # one part again
     python bench/gguf_bench.py --work-dir /tmp/demo-bench --model-dir storage/artifacts/merged_model \
         --chats storage/artifacts/chat_set/val.jsonl --threads 1
 """
@@ -105,11 +106,13 @@ def child(step: str, args) -> dict:
     elif kind == "write":
         card = gguf.ModelCard("bench", "random GPT-2", "none", "mit")
         gguf.write_gguf_f16(model_dir, work / "gguf" / "model-f16.gguf", card)
-    elif kind == "quant" and name in QuantType.__members__:
-        quantize_ggml(work / "ggml" / "model-f16.bin", QuantType[name], work / "ggml" / f"model-{name.lower()}.bin")
+    elif kind == "quant" and name.startswith("GGML/"):
+        quant = QuantType[name.removeprefix("GGML/")]
+        quantize_ggml(work / "ggml" / "model-f16.bin", quant, work / "ggml" / f"model-{quant.name.lower()}.bin")
     elif kind == "quant":
-        out = work / "gguf" / f"model-{name.lower()}.gguf"
-        gguf.quantize_gguf(work / "gguf" / "model-f16.gguf", GGUFType[name], out, args.threads)
+        gguf_type = GGUFType[name.removeprefix("GGUF/")]
+        out = work / "gguf" / f"model-{gguf_type.name.lower()}.gguf"
+        gguf.quantize_gguf(work / "gguf" / "model-f16.gguf", gguf_type, out, args.threads)
     elif kind == "eval":
         container, quant = name.split("/")
         path = {(c, q): p for c, q, p in files(work)}[(container, quant)]
@@ -126,6 +129,15 @@ def run_child(step: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", step, *args.passthrough]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save(path: Path, key: str, value: dict) -> None:
+    """Results are kept per step as they come, so a run can be split (--steps) or resumed."""
+    path.write_text(json.dumps({**load(path), key: value}, indent=2, ensure_ascii=False))
 
 
 def main() -> None:
@@ -146,6 +158,9 @@ def main() -> None:
     parser.add_argument("--eval-max-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", default="make,eval", help="make (write and quantize), eval, or both")
+    parser.add_argument("--formats", default="GGML,GGUF", help="which files to make and evaluate")
+    parser.add_argument("--types", help="make only these quantized types (and not the f16 files)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,7 +170,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args)))
         return
 
-    work = args.work_dir
+    work, steps, formats = args.work_dir, args.steps.split(","), args.formats.split(",")
     if args.model_dir is None:
         spec_file = work / "spec.json"
         if not spec_file.exists() or json.loads(spec_file.read_text()) != spec:
@@ -164,38 +179,46 @@ def main() -> None:
             args.passthrough += ["--spec", json.dumps(spec)]
             print(f"built the model in {run_child('build', args)['wall_s']:.0f} s", flush=True)
             spec_file.write_text(json.dumps(spec))
+    work.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir or work / "model"
     model_gb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 1e9
     print(f"model: {model_dir} ({model_gb:.2f} GB of safetensors), {args.threads} threads", flush=True)
-    shutil.rmtree(work / "ggml", ignore_errors=True)
-    shutil.rmtree(work / "gguf", ignore_errors=True)
 
-    steps = ["write:GGML", "write:GGUF"] + [f"quant:{q.name}" for q in QuantType] + [f"quant:{t.name}" for t in GGUFType]
-    made = {}
-    for step in steps:
-        made[step] = run_child(step, args)
-        print(f"{step}: {made[step]['wall_s']:.1f} s, peak RSS {made[step]['peak_rss_gb']:.2f} GB", flush=True)
-    evaluated = {}
-    for container, quant, _ in files(work):
-        evaluated[(container, quant)] = run_child(f"eval:{container}/{quant}", args)
-        print(f"eval {container} {quant}: done", flush=True)
+    if "make" in steps:
+        types = {"GGML": [q.name for q in QuantType], "GGUF": [t.name for t in GGUFType]}
+        for container in formats:
+            if args.types:
+                plan = [f"quant:{container}/{name}" for name in types[container] if name in args.types.split(",")]
+            else:
+                shutil.rmtree(work / container.lower(), ignore_errors=True)
+                plan = [f"write:{container}"] + [f"quant:{container}/{name}" for name in types[container]]
+            for step in plan:
+                made = run_child(step, args)
+                save(work / "made.json", step, made)
+                print(f"{step}: {made['wall_s']:.1f} s, peak RSS {made['peak_rss_gb']:.2f} GB", flush=True)
+    if "eval" in steps:
+        for container, quant, _ in files(work):
+            if container in formats:
+                save(work / f"evaluated-{container}.json", quant, run_child(f"eval:{container}/{quant}", args))
+                print(f"eval {container} {quant}: done", flush=True)
 
+    made = load(work / "made.json")
+    evaluated = {(c, q): v for c in ("GGML", "GGUF") for q, v in load(work / f"evaluated-{c}.json").items()}
     print()
     print("| format | type | made by | make s | peak RSS GB | file MB | bits/weight | load s | tokens/s | perplexity | KL to f16 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for container, quant, _ in files(work):
-        step = f"write:{container}" if quant == "F16" else f"quant:{quant}"
-        maker = {"GGML": "llm-rs" if quant != "F16" else "ours", "GGUF": "llama.cpp" if quant != "F16" else "ours"}[container]
-        e, m = evaluated[(container, quant)], made[step]
+        if (container, quant) not in evaluated:
+            continue
+        m = made.get(f"write:{container}" if quant == "F16" else f"quant:{container}/{quant}")
+        maker = "ours" if quant == "F16" else {"GGML": "llm-rs", "GGUF": "llama.cpp"}[container]
+        e = evaluated[(container, quant)]
         kl = f"{e['kl_to_f16']:.5f}" if "kl_to_f16" in e else "–"
+        making = f"{m['wall_s']:.1f} | {m['peak_rss_gb']:.2f}" if m else "– | –"
         print(
-            f"| {container} | {quant} | {maker} | {m['wall_s']:.1f} | {m['peak_rss_gb']:.2f} | "
-            f"{e['size_bytes'] / 2**20:.1f} | {e['bits_per_weight']:.2f} | {e['load_s']:.2f} | "
-            f"{e['tokens_per_s']:.1f} | {e['perplexity']:.2f} | {kl} |"
+            f"| {container} | {quant} | {maker} | {making} | {e['size_bytes'] / 2**20:.1f} | "
+            f"{e['bits_per_weight']:.2f} | {e['load_s']:.2f} | {e['tokens_per_s']:.1f} | {e['perplexity']:.2f} | {kl} |"
         )
-    (work / "results.json").write_text(
-        json.dumps({"made": made, "evaluated": {f"{c}/{q}": v for (c, q), v in evaluated.items()}}, indent=2, ensure_ascii=False)
-    )
 
 
 if __name__ == "__main__":
