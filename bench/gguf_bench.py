@@ -10,8 +10,8 @@ VmHWM, time is the work inside it (imports excluded).
   write    ggml.write_ggml_f16 / gguf.write_gguf_f16 (both stream tensor by tensor)
   quant    quantize.quantize_ggml (llm-rs) for every QuantType, gguf.quantize_gguf (llama.cpp) for every GGUFType
   eval     evaluate.evaluate_ggml_file / gguf_eval.evaluate_gguf_file: perplexity and KL to f16
-           on --eval-chats chats of at most --eval-max-tokens tokens (GGML: weights dequantized into
-           HF; GGUF: llama.cpp's own logits)
+           on the same evaluation set, --eval-chats chats of at most --eval-max-tokens tokens
+           (GGML: dequantized weights in the streamed torch pass; GGUF: llama.cpp's own logits)
   speed    --new-tokens greedy tokens after a 16-token prompt, never stopping early, --threads
            threads, after one warm-up generation; the median of --repeats runs
 
@@ -90,8 +90,11 @@ def speed(container: str, path: Path, threads: int, new_tokens: int, repeats: in
 
 
 def child(step: str, args) -> dict:
+    from transformers import AutoTokenizer
+
     from rugpt_assets.core import evaluate, ggml, gguf, gguf_eval
-    from rugpt_assets.core.configs import ExportConfig
+    from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig
+    from rugpt_assets.core.scoring import build_eval_set
     from rugpt_assets.core.gguf import GGUFType
     from rugpt_assets.core.quantize import QuantType, quantize_ggml
 
@@ -119,8 +122,12 @@ def child(step: str, args) -> dict:
         f16 = {(c, q): p for c, q, p in files(work)}[(container, "F16")]
         chats = [json.loads(line) for line in args.chats.read_text().splitlines()] if args.chats else BENCH_CHATS
         config = ExportConfig(threads=args.threads, eval_chats=args.eval_chats, eval_max_tokens=args.eval_max_tokens)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        eval_set = build_eval_set(chats, tokenizer, config.eval_max_tokens, DEFAULT_SYSTEM_PROMPT, config.eval_chats)
         evaluate_file = evaluate.evaluate_ggml_file if container == "GGML" else gguf_eval.evaluate_gguf_file
-        numbers = evaluate_file(path, model_dir, chats, config, f16_path=f16)
+        # The f16 file is evaluated first and becomes its format's KL reference, as in the assets.
+        numbers, reference = evaluate_file(path, eval_set, config, None if quant == "F16" else f16)
+        evaluate.write_evaluation(path, numbers, reference)
         return {**numbers, **speed(container, path, args.threads, args.new_tokens, args.repeats)}
     return {"wall_s": time.perf_counter() - start, "peak_rss_gb": rss_gb("VmHWM")}
 

@@ -1,7 +1,8 @@
 """A run launcher that sends GPU runs to one launcher and all other runs to another.
 
 A run is a GPU run when any step it executes is in one of `gpu_pools` (assets declare
-`pool="gpu"`). Locally both sides are usually `DefaultRunLauncher`; on Kubernetes both are
+`pool="gpu"`). Locally both sides are `LocalRunLauncher` (Dagster's `DefaultRunLauncher` that
+also reports dead run workers to run monitoring); on Kubernetes both are
 `dagster_k8s.K8sRunLauncher`, the GPU one placing run pods per `GPU_POD`. Configure it in
 dagster.yaml:
 
@@ -10,8 +11,8 @@ dagster.yaml:
       class: RoutingRunLauncher
       config:
         gpu_pools: [gpu]
-        gpu: {module: dagster, class: DefaultRunLauncher}
-        cpu: {module: dagster, class: DefaultRunLauncher}
+        gpu: {module: rugpt_assets.launchers, class: LocalRunLauncher}
+        cpu: {module: rugpt_assets.launchers, class: LocalRunLauncher}
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import psutil
 import yaml
-from dagster import DagsterInvalidConfigError, Field
+from dagster import DagsterInvalidConfigError, DefaultRunLauncher, Field
+from dagster._core.events import DagsterEventType
 from dagster._core.instance.config import configurable_class_schema
 from dagster._core.launcher import LaunchRunContext, ResumeRunContext, RunLauncher
-from dagster._core.launcher.base import CheckRunHealthResult
+from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
@@ -149,3 +152,59 @@ class RoutingRunLauncher(RunLauncher, ConfigurableClass):
     def dispose(self) -> None:
         for launcher in self.launchers.values():
             launcher.dispose()
+
+
+def run_worker_pid(instance, run_id: str) -> tuple[int, float] | None:
+    """The pid of the process that executes `run_id`'s steps, and when it said so.
+
+    A run worker started by a code server logs "Started process for run (pid: N)", a run
+    executed in process (`execute_in_process`, `dagster asset materialize`) logs "Executing
+    steps in process (pid: N)": the first engine event with a pid is the run's own process.
+    """
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+        data = record.dagster_event.engine_event_data if record.dagster_event else None
+        pid = data.metadata.get("pid") if data else None
+        if pid is not None:
+            return int(pid.value), record.timestamp
+    return None
+
+
+def process_alive(pid: int, seen_at: float) -> bool:
+    """Whether `pid` is still the process that was running at `seen_at` (not a zombie, not a
+    later process that reused the number)."""
+    try:
+        process = psutil.Process(pid)
+        # create_time is rounded to clock ticks; one second of slack is plenty.
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= seen_at + 1
+    except psutil.NoSuchProcess:
+        return False
+
+
+class LocalRunLauncher(DefaultRunLauncher):
+    """`DefaultRunLauncher` that also tells run monitoring whether a run's process is alive.
+
+    `DefaultRunLauncher` cannot. Its code server notices a dead child and fails the run, but
+    only while that code server lives: a run whose worker died with it (`dagster dev` killed,
+    the machine rebooted) or a run executed in process whose process died (a killed
+    `python -m rugpt_assets.materialize`) stays STARTED forever, and the pool slots its steps
+    claimed, the GPU's included, are never freed (run monitoring frees slots of finished runs
+    only). Here the daemon's run monitoring sees the recorded pid gone and fails the run;
+    `free_slots_after_run_end_seconds` later the slots are free.
+
+    One machine only: the daemon must see the run workers' processes. A run without a
+    recorded pid (not started by either path) is left alone.
+    """
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        worker = run_worker_pid(self._instance, run.run_id)
+        if worker is None or process_alive(*worker):
+            return CheckRunHealthResult(WorkerStatus.RUNNING)
+        return CheckRunHealthResult(WorkerStatus.FAILED, f"the run's process (pid {worker[0]}) is gone")
+
+    def get_run_worker_debug_info(self, run: DagsterRun, include_container_logs: bool | None = True) -> str | None:
+        worker = run_worker_pid(self._instance, run.run_id)
+        return None if worker is None else f"run worker pid {worker[0]}, alive: {process_alive(*worker)}"

@@ -126,15 +126,16 @@ def storage_root() -> Path:
 
 
 def launchpad_config(name: str, defaults: Any) -> type[dg.Config]:
-    """A `dg.Config` class with one field per dataclass field, defaulting to `defaults`' values."""
+    """A `dg.Config` class with one field per dataclass field, defaulting to `defaults`' values
+    and described by the field's help, so the launchpad says what each setting does."""
     hints = typing.get_type_hints(type(defaults))
     model_fields: dict[str, Any] = {}
     for f in fields(defaults):
         value = getattr(defaults, f.name)
-        model_fields[f.name] = (hints[f.name], pydantic.Field(default=value))
+        model_fields[f.name] = (hints[f.name], pydantic.Field(default=value, description=f.metadata.get("help")))
     return pydantic.create_model(name, __base__=dg.Config, **model_fields)
 
 
 def config_to_dataclass(config: dg.Config, cls: type) -> Any:
-    """Back from the launchpad config to the core's dataclass."""
+    """Back from the launchpad config to the core's dataclass (whose checks then run)."""
     return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,15 +147,46 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_sha256s(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, keyed by relative POSIX path, in sorted order."""
+    root = Path(root)
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return {name: sha256_file(root / name) for name in names}
+
+
+def sha256_of_files(file_hashes: Mapping[str, str]) -> str:
+    """One content hash from per-file hashes: relative paths and file hashes, in sorted order."""
+    h = hashlib.sha256()
+    for name in sorted(file_hashes):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(file_hashes[name].encode())
+    return h.hexdigest()
+
+
 def sha256_tree(root: Path) -> str:
     """Content hash of a directory: relative paths and file bytes, in sorted order."""
-    root = Path(root)
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(b"\0")
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
+    return sha256_of_files(file_sha256s(root))
+
+
+class MissingUpstreamError(FileNotFoundError):
+    """A step's input was never materialized (or was removed since)."""
+
+
+def require_upstream(step: str, inputs: Mapping[str, Iterable[Path]]) -> None:
+    """Fail before any work when an input artifact is missing, naming what to materialize first.
+
+    ``inputs`` maps each upstream artifact's name to the files ``step`` reads from it.
+    """
+    missing = {name: [str(p) for p in paths if not Path(p).exists()] for name, paths in inputs.items()}
+    missing = {name: paths for name, paths in missing.items() if paths}
+    if missing:
+        names = " and ".join(missing)
+        files = "; ".join(", ".join(paths) for paths in missing.values())
+        raise MissingUpstreamError(
+            f"{step} reads {names}, which {'is' if len(missing) == 1 else 'are'} not materialized "
+            f"(missing: {files}). Materialize {names} first, then {step}."
+        )
 
 
 def weights_file_figures(path: Path, f16_path: Path, elements: int) -> dict[str, Any]:

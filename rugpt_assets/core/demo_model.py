@@ -9,9 +9,10 @@ mean something. Single-threaded and seeded: the same texts give the same bytes e
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from rugpt_assets.core.configs import GenerationConfig
 
 SPECIAL_TOKENS = ("<pad>", "<|endoftext|>", "<s>", "</s>", "<mask>")
 PAD_ID, ENDOFTEXT_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# Bump by hand whenever `build_demo_model` writes other bytes for the same texts and spec.
+DEMO_MODEL_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,16 @@ def sample_texts(samples_dir: Path) -> Iterator[str]:
             except json.JSONDecodeError:
                 continue
             yield from strings(row)
+
+
+def recipe_identity(texts: Iterable[str], spec: DemoModelSpec = DemoModelSpec()) -> dict:
+    """What the demo model is a function of: the builder's version, the spec and the texts."""
+    h = hashlib.sha256()
+    for text in texts:
+        data = text.encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return {"builder": "demo", "version": DEMO_MODEL_VERSION, "spec": asdict(spec), "texts_sha256": h.hexdigest()}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +50,7 @@ _HEADER = struct.Struct("<7i")  # magic, n_vocab, n_ctx, n_embd, n_head, n_layer
 # on load ("not enough space in the context's memory pool").
 LLM_RS_TENSOR_ALIGN = 16
 QUANT_BLOCK = 32  # elements per block of every quantized type written here
+DEQUANTIZE_BLOCK_BYTES = 64 << 20  # float32 output per read-and-dequantize step of a tensor
 
 # HF GPT-2 parameter name (without the `transformer.` prefix) → GGML name.
 _BLOCK_NAMES = {
@@ -66,6 +67,7 @@ _BLOCK_NAMES = {
     "mlp.c_proj.weight": "mlp/c_proj/w",
     "mlp.c_proj.bias": "mlp/c_proj/b",
 }
+BLOCK_TENSORS = tuple(_BLOCK_NAMES.values())  # one transformer block's tensors, named inside `model/h{i}/`
 _BLOCK_RE = re.compile(r"h\.(\d+)\.(.+)")
 _MASK_BUFFER_RE = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -85,21 +87,73 @@ class GGMLHparams:
 
 @dataclass(frozen=True)
 class GGMLTensor:
+    """One tensor of a GGML file, located but not loaded: each read goes to the file.
+
+    Reads are plain file reads into fresh memory, not a memory map: every page of a map that
+    was touched stays in the process's resident set until the map is closed, so streaming a
+    13B file through one map would count the whole file (26 GB) against the process.
+    """
+
     name: str
     type: GGMLQuantizationType
     ne: tuple[int, ...]  # GGML order: innermost (row length) first
-    data: np.ndarray  # raw bytes (uint8), a view into the file
+    path: Path
+    offset: int  # of the data in the file
+    nbytes: int
 
     @property
     def shape(self) -> tuple[int, ...]:
         """numpy/torch order."""
         return tuple(reversed(self.ne))
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (`ne[0]` elements): rows are whole blocks in every type."""
+        return self.nbytes // int(np.prod(self.ne[1:], dtype=np.int64))
+
+    @property
+    def data(self) -> np.ndarray:
+        """The raw bytes (uint8)."""
+        out = np.empty(self.nbytes, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            _read_exactly(f, self.offset, out)
+        return out
+
     def to_numpy(self) -> np.ndarray:
         """Dequantized to float32 in numpy order; the quantized block formats (Q4_0…Q8_0)
-        are the same bytes as GGUF's, so gguf's numpy kernels read them."""
-        rows = self.data.reshape(-1, self.data.size // int(np.prod(self.ne[1:], dtype=np.int64)))
-        return dequantize(rows, self.type).reshape(self.shape)
+        are the same bytes as GGUF's, so gguf's numpy kernels read them. Read and dequantized
+        in row blocks, so memory is the result plus one block (gguf's kernel alone would hold
+        a second float32 copy of the whole tensor)."""
+        n_rows = int(np.prod(self.ne[1:], dtype=np.int64))
+        out = np.empty((n_rows, self.ne[0]), dtype=np.float32)
+        step = max(1, DEQUANTIZE_BLOCK_BYTES // (4 * self.ne[0]))
+        raw = np.empty((min(step, n_rows), self.row_bytes), dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            for start in range(0, n_rows, step):
+                n = min(step, n_rows - start)
+                _read_exactly(f, self.offset + start * self.row_bytes, raw[:n])
+                out[start : start + n] = dequantize(raw[:n], self.type)
+        return out.reshape(self.shape)
+
+    def rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Rows `ids` of a 2-D tensor (e.g. the embeddings of some tokens), dequantized to
+        float32, reading only those rows."""
+        raw = np.empty((len(ids), self.row_bytes), dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            for i, row in enumerate(ids):
+                _read_exactly(f, self.offset + int(row) * self.row_bytes, raw[i])
+        return dequantize(raw, self.type).reshape(len(ids), self.ne[0])
+
+
+def _read_exactly(f, offset: int, out: np.ndarray) -> None:
+    view = memoryview(out).cast("B")
+    f.seek(offset)
+    done = 0
+    while done < len(view):  # one read returns at most ~2 GB on Linux
+        n = f.readinto(view[done:])
+        if not n:
+            raise ValueError(f"{f.name}: ends before byte {offset + len(view)} (truncated?)")
+        done += n
 
 
 @dataclass(frozen=True)
@@ -378,7 +432,8 @@ def read_hparams(path: Path) -> GGMLHparams:
 
 
 def read_ggml(path: Path) -> GGMLFile:
-    """Parse a GPT-2 GGML file; tensor data are memory-mapped views, read only when used."""
+    """Parse a GPT-2 GGML file's header, vocabulary and tensor index; tensor data are read
+    only when asked for (`GGMLTensor`)."""
     path = Path(path)
     hparams = read_hparams(path)
     buf = np.memmap(path, dtype=np.uint8, mode="r")
@@ -410,7 +465,7 @@ def read_ggml(path: Path) -> GGMLFile:
         nbytes = int(np.prod(ne, dtype=np.int64)) // block * block_bytes
         if pos + nbytes > len(buf):
             raise ValueError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
-        tensors[name] = GGMLTensor(name, ggml_type, tuple(ne), buf[pos : pos + nbytes])
+        tensors[name] = GGMLTensor(name, ggml_type, tuple(ne), path, pos, nbytes)
         pos += nbytes
     return GGMLFile(hparams, vocab, tensors)
 
@@ -418,9 +473,9 @@ def read_ggml(path: Path) -> GGMLFile:
 def llm_rs_load_problems(ggml: GGMLFile) -> list[str]:
     """Why llm-rs would abort loading this file (empty when it loads), see LLM_RS_TENSOR_ALIGN."""
     return [
-        f"tensor {t.name} is {t.data.size} bytes, not a multiple of {LLM_RS_TENSOR_ALIGN}"
+        f"tensor {t.name} is {t.nbytes} bytes, not a multiple of {LLM_RS_TENSOR_ALIGN}"
         for t in ggml.tensors.values()
-        if t.data.size % LLM_RS_TENSOR_ALIGN
+        if t.nbytes % LLM_RS_TENSOR_ALIGN
     ]
 
 
@@ -446,14 +501,13 @@ def iter_hf_state_dict(ggml: GGMLFile) -> Iterator[tuple[str, torch.Tensor]]:
             hf = f"transformer.h.{layer}.{hf_block[rest]}"
         if name.endswith("/w"):
             array = array.T  # back to Conv1D's (in, out)
-        if not array.flags.writeable:  # f32 tensors are views into the read-only file map
-            array = array.copy()
         yield hf, torch.from_numpy(np.ascontiguousarray(array))
 
 
 def ggml_to_hf_model(path: Path, model_dir: Path):
     """An HF GPT2LMHeadModel (architecture from `model_dir`'s config) carrying the GGML file's
-    own, dequantized weights — what perplexity of a quantized file is measured on."""
+    own, dequantized weights, whole and in float32 (52 GB for 13B): the independent reference
+    the tests hold the streamed evaluation (`evaluate.target_logprobs`) to."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config.from_pretrained(model_dir)

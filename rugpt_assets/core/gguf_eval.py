@@ -2,11 +2,12 @@
 generation speed, tokenization against HF, greedy agreement with HF, and perplexity and KL to
 f16 from llama.cpp's own logits.
 
-Perplexity and KL use the same validation chats, tokenization and formulas as the GGML files
-(`evaluate.evaluation_chats`, `evaluate.score_chats`, `evaluate.quality`): the chats are
-tokenized by HF exactly as for training and the ids are fed to llama.cpp, so every GGML and
-GGUF file is scored on the same target tokens. Unlike the GGML numbers (weights dequantized
-into an HF model), these include ggml's own arithmetic (8-bit activations in quantized
+Perplexity and KL use the same evaluation set and formulas as the GGML files
+(`scoring.EvalSet`, `scoring.Scores`, `scoring.Reference`): the validation chats tokenized by
+HF exactly as for training, fed to llama.cpp as ids, so every GGML and GGUF file is scored on
+the same target tokens (same content hash). The GGUF f16 file is the reference of the GGUF
+quantizations' KL, as GGML's f16 is of GGML's. Unlike the GGML numbers (dequantized weights in
+a torch forward pass), these include ggml's own arithmetic (8-bit activations in quantized
 matmuls).
 
 llama-cpp-python is an optional extra (`gguf`): it is imported only when a function runs.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ import torch
 
 from rugpt_assets.core import evaluate, gguf
 from rugpt_assets.core.chat_template import render_prompt
-from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig, GenerationConfig
+from rugpt_assets.core.configs import ExportConfig, GenerationConfig
+from rugpt_assets.core.scoring import EvalSet, Reference, Scores
 
 # Text the tokenizer must split exactly as HF does: Cyrillic with ё, «», —, digits, emoji, CJK,
 # tabs, runs of spaces and newlines, and the template's literal special tokens.
@@ -87,15 +89,20 @@ def tokenization_mismatches(llama, tokenizer, texts: Sequence[str] = TOKENIZATIO
     return out
 
 
-def llama_logits(llama) -> evaluate.LogitsFn:
-    """llama.cpp's own next-token logits at every position of `ids` (needs `logits_all`)."""
+def llama_logits(llama, ids: Sequence[int]) -> torch.Tensor:
+    """llama.cpp's own next-token logits (len(ids), n_vocab) at every position of `ids`
+    (needs `logits_all`)."""
+    llama.reset()
+    llama.eval(list(ids))
+    return torch.from_numpy(np.array(llama.scores[: len(ids)], dtype=np.float32))
 
-    def logits_of(ids: list[int]) -> torch.Tensor:
-        llama.reset()
-        llama.eval(ids)
-        return torch.from_numpy(np.array(llama.scores[: len(ids)], dtype=np.float32))
 
-    return logits_of
+def target_logprobs(llama, eval_set: EvalSet) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Next-token log-probs and target ids at every target token of `eval_set`, in its order,
+    one chat at a time, from llama.cpp's logits."""
+    for chat, (ids, _) in enumerate(eval_set.chats):
+        positions, targets = eval_set.targets(chat)
+        yield torch.log_softmax(llama_logits(llama, ids)[positions], dim=-1), torch.tensor(targets)
 
 
 def greedy_tokens(llama, prompt: str, n: int) -> tuple[list[int], float]:
@@ -113,9 +120,10 @@ def greedy_tokens(llama, prompt: str, n: int) -> tuple[list[int], float]:
 
 
 def greedy_agreement(gguf_path: Path, model_dir: Path, prompt: str, n: int, threads: int) -> dict:
-    """Greedy tokens of the GGUF file in llama.cpp against the HF model in `model_dir`."""
-    hf = evaluate.greedy_tokens_hf(model_dir, prompt, n)
+    """Greedy tokens of the GGUF file in llama.cpp against the merged model in `model_dir` (its
+    safetensors, streamed: `evaluate.greedy_tokens`, as the GGML check does)."""
     llama, _ = load_llama(gguf_path, threads)
+    hf = evaluate.greedy_tokens(evaluate.CheckpointWeights(model_dir), tokenize(llama, prompt), n)
     ours, _ = greedy_tokens(llama, prompt, n)
     matching = next((i for i, (a, b) in enumerate(zip(ours, hf)) if a != b), min(len(ours), len(hf)))
     return {"tokens": n, "matching_prefix": matching, "equal": ours == hf, "llama_cpp": ours, "hf": hf}
@@ -174,36 +182,26 @@ def generate(
 
 
 def evaluate_gguf_file(
-    path: Path,
-    model_dir: Path,
-    val_chats: Sequence[dict],
-    export: ExportConfig = ExportConfig(),
-    f16_path: Path | None = None,
-) -> dict:
-    """Every number a GGUF asset reports about one file, with the same keys as
-    `evaluate.evaluate_ggml_file` (one table holds both), plus `tensor_types`."""
-    from transformers import AutoTokenizer
-
+    path: Path, eval_set: EvalSet, export: ExportConfig = ExportConfig(), f16_path: Path | None = None
+) -> tuple[dict, Reference | None]:
+    """Every number a GGUF asset reports about one file (the keys of
+    `evaluate.evaluate_ggml_file`, so one table holds both, plus `tensor_types`), and, for the
+    f16 file, its reference for KL. With `f16_path` the file is compared with the GGUF f16
+    file's stored reference (`evaluate.read_reference`)."""
     path = Path(path)
+    reference = evaluate.read_reference(f16_path, eval_set, "gguf_f16") if f16_path is not None else None
     numbers = gguf.file_figures(path, f16_path or path)
     llama, load_time = load_llama(path, export.threads)
-    prompt = render_prompt([{"role": "user", "content": export.check_prompt}])
+    prompt = render_prompt([{"role": "user", "content": export.check_prompt}], eval_set.system_prompt)
     sample = generate(llama, prompt, export.check_new_tokens)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    chats = evaluate.evaluation_chats(val_chats, export)
-    models = {path: llama}
 
-    def score(gguf_path: Path) -> evaluate.Scored:
-        model = models.get(gguf_path) or load_llama(gguf_path, export.threads)[0]
-        return evaluate.score_chats(llama_logits(model), tokenizer, chats, export.eval_max_tokens, DEFAULT_SYSTEM_PROMPT)
-
-    return {
-        **numbers,
-        **evaluate.quality(score, path, f16_path),
+    scores = Scores(reference, top_k=0 if reference else export.kl_top_k)
+    start = time.perf_counter()
+    for logprobs, targets in target_logprobs(llama, eval_set):
+        scores.add(logprobs, targets)
+    numbers |= {
         "load_time_s": load_time,
-        "generation_tokens_per_s": sample.tokens_per_s,
-        "eval_chats": len(chats),
-        "sample_prompt": export.check_prompt,
-        "sample_text": sample.text,
+        "eval_time_s": time.perf_counter() - start,
         "tensor_types": gguf.read_gguf(path).type_counts(),
     }
+    return evaluate.file_numbers(path, numbers, sample, scores, eval_set, export)

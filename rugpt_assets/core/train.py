@@ -8,10 +8,9 @@ progress goes to stdout. ``output_dir/metrics.json`` holds the same numbers eith
 
 Resume. Checkpoints live in ``runs_dir/<run key>/checkpoint-<step>/`` (LoRA weights, optimizer,
 scheduler, grad scaler, step, history). The run key hashes the TrainConfig, the world size, the
-bytes of the train/val files and the base model directory's file names, sizes and modification
-times (an identity, not a content hash: rewriting the base model starts afresh rather than
-hashing 26 GB). A run with the same key continues from its latest checkpoint; anything else
-starts fresh. Data order and dropout masks are functions of (seed, step, rank), so the step is
+bytes of the train/val files and the base model's content hash (the one its snapshot manifest
+recorded, see `base_model`; hashed from the files when there is no manifest). A run with the
+same key continues from its latest checkpoint; anything else starts fresh. Data order and dropout masks are functions of (seed, step, rank), so the step is
 all the data position and RNG state a resumed run needs to repeat the uninterrupted one.
 
 Loss. Every optimizer step averages next-token cross-entropy over all target tokens of its
@@ -49,15 +48,15 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from rugpt_assets.core import base_model
 from rugpt_assets.core.artifacts import atomic_dir, atomic_file, read_jsonl, sha256_file
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
-from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
+from rugpt_assets.core.configs import TRAIN_CONFIG_FILE, TrainConfig, from_dict, to_dict
 from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "packed_varlen")  # packed_varlen: see `packing`
 JOB_PATHS = ("base_model_dir", "train_path", "val_path", "output_dir", "runs_dir")
 # Bump by hand whenever the adapter this module produces changes (Dagster code_version).
 TRAINER_VERSION = "1"
@@ -124,8 +123,6 @@ class Runtime:
 def start_runtime(cfg: TrainConfig) -> Runtime:
     """Device, precision and DDP rank; rejects settings that cannot run here before anything loads."""
     cuda = torch.cuda.is_available()
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={cfg.device!r}: use 'auto', 'cpu' or 'cuda'")
     if cfg.device == "cuda" and not cuda:
         raise ValueError("device='cuda' but no CUDA GPU is visible: set device to 'auto' or 'cpu'")
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -134,14 +131,10 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
 
     if cfg.precision == "auto":
         dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
-    elif cfg.precision in PRECISIONS:
-        dtype = PRECISIONS[cfg.precision]
     else:
-        raise ValueError(f"precision={cfg.precision!r}: use 'auto', 'bf16', 'fp16' or 'fp32'")
+        dtype = PRECISIONS[cfg.precision]
     if dtype == torch.float16 and not on_gpu:
         raise ValueError("precision='fp16' needs a CUDA GPU: use 'fp32' (or 'bf16') on the CPU")
-    if cfg.load_in_8bit and cfg.load_in_4bit:
-        raise ValueError("load_in_8bit and load_in_4bit are both true: set one of them to false")
     for flag in ("load_in_8bit", "load_in_4bit"):
         if getattr(cfg, flag) and not on_gpu:
             raise ValueError(
@@ -150,8 +143,6 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
             )
         if getattr(cfg, flag) and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(f"{flag}=true needs bitsandbytes: pip install 'rugpt-assets[gpu]', or set {flag} to false")
-    if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={cfg.attn_implementation!r}: use one of {ATTN_IMPLEMENTATIONS}")
     if cfg.attn_implementation == "packed_varlen" and not (on_gpu and dtype in (torch.bfloat16, torch.float16)):
         raise ValueError(
             "attn_implementation='packed_varlen' needs a CUDA GPU and precision bf16 or fp16: use 'sdpa' here"
@@ -362,17 +353,15 @@ def evaluate(model: torch.nn.Module, batches: Sequence[Sequence[Row]], filler_id
 
 
 def run_key(job: TrainJob, world_size: int) -> str:
-    base = sorted(
-        (p.relative_to(job.base_model_dir).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in job.base_model_dir.rglob("*")
-        if p.is_file()
-    )
+    """What a training is a function of, by content: settings, world size, the chat files' bytes
+    and the base model's content hash. No paths or timestamps: rewriting identical inputs (or
+    reading them from another storage root) finds the same checkpoints."""
     identity = {
         "config": to_dict(job.config),
         "world_size": world_size,
         "train": sha256_file(job.train_path),
         "val": sha256_file(job.val_path),
-        "base_model": base,
+        "base_model": base_model.content_sha256(job.base_model_dir),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -504,7 +493,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict[str, Any], png: bytes) -> None:
     """adapter_config.json, adapter_model.safetensors, tokenizer, generation_config.json (from the
-    base), metrics.json and loss_curve.png; checked, then renamed into place."""
+    base), the TrainConfig (train_config.json), metrics.json and loss_curve.png; checked, then
+    renamed into place."""
     with atomic_dir(job.output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -513,6 +503,7 @@ def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict
             shutil.copy2(generation, tmp / generation.name)
         (tmp / "loss_curve.png").write_bytes(png)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(to_dict(job.config), indent=2, ensure_ascii=False), encoding="utf-8")
         saved = load_file(tmp / "adapter_model.safetensors")
         if len(saved) != len(trainable(model)) or not all(t.isfinite().all() for t in saved.values()):
             raise RuntimeError(f"adapter written to {tmp} is incomplete or not finite")

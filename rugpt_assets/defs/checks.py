@@ -6,8 +6,9 @@ import dagster as dg
 from rugpt_assets import settings
 from rugpt_assets.core import evaluate
 from rugpt_assets.core.chat_template import render_prompt
+from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
 from rugpt_assets.core.quantize import QuantType
-from rugpt_assets.defs.export import ggml_f16, ggml_quantized, perplexity_delta, quant_partitions, read_evaluation
+from rugpt_assets.defs.export import ggml_f16, ggml_quantized, quant_partitions
 from rugpt_assets.defs.resources import StorageResource
 
 EXPORT = settings.active_profile().export

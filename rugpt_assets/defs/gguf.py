@@ -8,21 +8,17 @@ import json
 import dagster as dg
 
 from rugpt_assets import settings
-from rugpt_assets.core import gguf, gguf_eval, sources
-from rugpt_assets.core.artifacts import sha256_file
+from rugpt_assets.core import evaluate, gguf, gguf_eval, sources
+from rugpt_assets.core.artifacts import require_upstream, sha256_file
+from rugpt_assets.core.base_model import read_manifest
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.configs import ExportConfig
+from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
 from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.defs.automation import retrain_condition
-from rugpt_assets.defs.export import (
-    ExportRunConfig,
-    evaluate_and_record,
-    file_metadata,
-    perplexity_delta,
-    quant_table,
-    read_evaluation,
-)
-from rugpt_assets.defs.model import base_model, merged_model
+from rugpt_assets.defs.data import chat_set
+from rugpt_assets.defs.export import ExportRunConfig, eval_set_of, file_metadata, quant_table
+from rugpt_assets.defs.model import merged_model
 from rugpt_assets.defs.resources import StorageResource, metadata_table
 
 PROFILE = settings.active_profile()
@@ -33,14 +29,14 @@ gguf_partitions = dg.StaticPartitionsDefinition([t.name for t in GGUFType])
 BASE_MODEL_LICENSE = "mit"
 
 
-def model_card(instance: dg.DagsterInstance, storage: StorageResource) -> gguf.ModelCard:
-    """Provenance for `general.*`: the base model as `base_model` last recorded it (repo and
-    resolved revision), the seven source datasets, and the adapter's training set."""
-    event = instance.get_latest_materialization_event(base_model.key)
-    recorded = event.asset_materialization.metadata if event and event.asset_materialization else {}
-    repo = recorded["repo"].value if "repo" in recorded else PROFILE.base_model_repo or "demo (built locally)"
-    revision = recorded["revision"].value if "revision" in recorded else PROFILE.base_model_revision
+def model_card(storage: StorageResource) -> gguf.ModelCard:
+    """Provenance for `general.*`: the base model as its snapshot's manifest records it (repo and
+    resolved commit, or the demo recipe's content hash), the seven source datasets, and the
+    adapter's training set."""
     layout = storage.layout
+    manifest = read_manifest(layout.base_model) or {"summary": {}, "content_sha256": "unknown"}
+    repo = manifest["summary"].get("repo") or PROFILE.base_model_repo or "demo (built locally)"
+    revision = manifest["summary"].get("revision") or f"sha256:{manifest['content_sha256']}"
     metrics_path = layout.lora_adapter / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     train_path = layout.chat_set / "train.jsonl"
@@ -76,25 +72,34 @@ def _fallback_note(report: gguf.GGUFQuantReport) -> dg.MetadataValue:
 
 
 @dg.asset(
-    deps=[merged_model],
+    deps=[merged_model, chat_set],  # chat_set: the validation chats every file is evaluated on
     group_name="export",
     kinds={"gguf"},
     owners=["team:ml"],
     pool="cpu",
     code_version=gguf.GGUF_WRITER_VERSION,
-    automation_condition=retrain_condition(),
+    # As ggml_f16: new chats arrive through the retrain, not by re-exporting the old model first.
+    automation_condition=retrain_condition().ignore(dg.AssetSelection.assets(chat_set)),
     description=(
         "The merged model as an f16 GGUF file (architecture gpt2) for llama.cpp, Ollama and any "
         "llama-cpp-python/OpenAI client: tokenizer, the gigasaiga chat template, the seed's sampling "
         "defaults and provenance inside; an Ollama Modelfile beside it. Streamed tensor by tensor. "
-        "Evaluated in llama.cpp itself. File: `<storage>/gguf/model-f16.gguf`."
+        "Evaluated in llama.cpp itself on `chat_set`'s validation chats (the same evaluation set as "
+        "the GGML files; the f16 distributions every GGUF quantization's KL is measured against, in "
+        "`model-f16.reference.npz`). File: `<storage>/gguf/model-f16.gguf`."
     ),
 )
 def gguf_f16(context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource) -> dg.MaterializeResult:
     export = settings.config_to_dataclass(config, ExportConfig)
-    path = storage.layout.gguf_f16
-    summary = gguf.write_gguf_f16(storage.layout.merged_model, path, model_card(context.instance, storage))
-    numbers = evaluate_and_record(gguf_eval.evaluate_gguf_file, path, path, storage, export)
+    layout = storage.layout
+    require_upstream(
+        "gguf_f16", {"merged_model": [layout.merged_model / "config.json"], "chat_set": [layout.chat_set / "val.jsonl"]}
+    )
+    path = layout.gguf_f16
+    eval_set = eval_set_of(storage, export)
+    summary = gguf.write_gguf_f16(layout.merged_model, path, model_card(storage), eval_set.system_prompt)
+    numbers, reference = gguf_eval.evaluate_gguf_file(path, eval_set, export)
+    evaluate.write_evaluation(path, numbers, reference)
     context.log.info(f"GGUF f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
     return dg.MaterializeResult(
         metadata={
@@ -130,8 +135,11 @@ def gguf_quantized(
     gguf_type = GGUFType[context.partition_key]
     layout = storage.layout
     path = layout.gguf_quantized(gguf_type.name)
+    eval_set = eval_set_of(storage, export)
+    evaluate.read_reference(layout.gguf_f16, eval_set, "gguf_f16")  # stale or missing: fail before quantizing
     report = gguf.quantize_gguf(layout.gguf_f16, gguf_type, path, export.threads)
-    numbers = evaluate_and_record(gguf_eval.evaluate_gguf_file, path, layout.gguf_f16, storage, export)
+    numbers, _ = gguf_eval.evaluate_gguf_file(path, eval_set, export, layout.gguf_f16)
+    evaluate.write_evaluation(path, numbers)
     f16 = read_evaluation(layout.gguf_f16)
     delta = perplexity_delta(numbers, f16)
     context.log.info(f"GGUF {gguf_type.name}: {report.size_bytes / 2**20:.1f} MiB, perplexity {delta:+.2%} vs f16")
@@ -141,6 +149,7 @@ def gguf_quantized(
             **file_metadata(path, numbers),
             "ratio_to_f16": report.ratio_to_f16,
             "kl_to_f16": numbers["kl_to_f16"],
+            "f16_tail_mass": numbers["f16_tail_mass"],
             "quantize_time_s": report.wall_time_s,
             "perplexity_f16": f16["perplexity"],
             "perplexity_delta": delta,

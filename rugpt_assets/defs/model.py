@@ -3,13 +3,14 @@
 import json
 import math
 import os
+import time
 
 import dagster as dg
 
 from rugpt_assets import settings
-from rugpt_assets.core import demo_model, merge, train
-from rugpt_assets.core.artifacts import atomic_dir, sha256_tree
-from rugpt_assets.core.base_model import apply_rugpt_fixes, download_base_model
+from rugpt_assets.core import merge, train
+from rugpt_assets.core.artifacts import require_upstream
+from rugpt_assets.core.base_model import materialize_base_model
 from rugpt_assets.core.configs import MergeConfig, TrainConfig
 from rugpt_assets.defs.automation import retrain_condition, training_condition
 from rugpt_assets.defs.resources import StorageResource, TrainerResource
@@ -34,7 +35,9 @@ class BaseModelConfig(dg.Config):
     description=(
         "The base model as safetensors: a pinned snapshot of `ai-forever/ruGPT-3.5-13B` with the "
         "seed's tokenizer/generation fixes (profile `rugpt35`), or a tiny deterministic GPT-2 with "
-        "the same special tokens trained on the bundled samples (profile `demo`). "
+        "the same special tokens trained on the bundled samples (profile `demo`). Written once: "
+        "materialized again with the same revision (or demo recipe), it re-verifies the files' "
+        "sha256 against the snapshot's manifest and reuses them; its data version is the content hash. "
         "Directory: `<storage>/base_model/`."
     ),
 )
@@ -42,27 +45,28 @@ def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     target = storage.layout.base_model
-    with atomic_dir(target) as tmp:
-        if config.repo:
-            context.log.info(f"downloading {config.repo}@{config.revision}")
-            revision = download_base_model(config.repo, config.revision, tmp, os.environ.get(config.token_env_var))
-            apply_rugpt_fixes(tmp)
-            summary = {"repo": config.repo, "revision": revision}
-        else:
-            summary = demo_model.build_demo_model(demo_model.sample_texts(settings.BUNDLED_SAMPLES_DIR), tmp)
-            summary["repo"] = "demo (built locally)"
+    token = os.environ.get(config.token_env_var)
+    started = time.perf_counter()
+    snapshot = materialize_base_model(target, config.repo, config.revision, token, settings.BUNDLED_SAMPLES_DIR)
+    seconds = time.perf_counter() - started
+    if snapshot.reused:
+        context.log.info(f"reused the base model snapshot in {target} ({len(snapshot.files)} files verified in {seconds:.1f} s)")
+    else:
+        context.log.info(f"built the base model snapshot in {target} in {seconds:.1f} s; not reused: {snapshot.rebuilt_because}")
     model_config = json.loads((target / "config.json").read_text())
     return dg.MaterializeResult(
         metadata={
-            **summary,
+            **snapshot.summary,
             "n_layer": model_config["n_layer"],
             "n_embd": model_config["n_embd"],
             "n_head": model_config["n_head"],
             "n_positions": model_config["n_positions"],
             "vocab_size": model_config["vocab_size"],
-            "content_sha256": sha256_tree(target),
+            "content_sha256": snapshot.content_sha256,
+            "reused": snapshot.reused,
             "path": dg.MetadataValue.path(str(target)),
         },
+        data_version=dg.DataVersion(snapshot.content_sha256),
     )
 
 
@@ -95,6 +99,10 @@ def lora_adapter(
         output_dir=str(layout.lora_adapter),
         runs_dir=str(layout.training_runs),
         config=settings.config_to_dataclass(config, TrainConfig),
+    )
+    require_upstream(
+        "lora_adapter",
+        {"base_model": [job.base_model_dir / "config.json"], "chat_set": [job.train_path, job.val_path]},
     )
     job_path = layout.training_runs / f"job-{context.run_id}.json"
     job_path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +142,10 @@ def merged_model(
     context: dg.AssetExecutionContext, config: MergeRunConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     layout = storage.layout
+    require_upstream(
+        "merged_model",
+        {"base_model": [layout.base_model / "config.json"], "lora_adapter": [layout.lora_adapter / "adapter_model.safetensors"]},
+    )
     merge_config = settings.config_to_dataclass(config, MergeConfig)
     report = merge.merge_lora(layout.base_model, layout.lora_adapter, layout.merged_model, dtype=merge_config.dtype)
     context.log.info(f"merged {report.tensors_merged} tensors in {report.wall_time_s:.1f} s")

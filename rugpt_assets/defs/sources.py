@@ -11,7 +11,7 @@ from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.resources import SourcesResource, StorageResource, preview_table
 
 # Bump when normalization changes what a snapshot holds.
-SNAPSHOT_VERSION = "1"
+SNAPSHOT_VERSION = "2"
 
 
 def source_key(spec: sources.SourceSpec) -> dg.AssetKey:
@@ -50,8 +50,8 @@ def raw_snapshot(spec: sources.SourceSpec) -> dg.AssetsDefinition:
         automation_condition=retrain_condition(),
         description=(
             f"Normalized snapshot of `{spec.repo}` ({spec.split}): the columns the recipe uses, "
-            "message lists as `{role, content}` objects, malformed rows counted by reason and "
-            f"left out. File: `<storage>/raw/{spec.name}/rows.jsonl`."
+            "message lists as lists of objects; rows no path of the recipe can read are counted by "
+            f"reason and left out. File: `<storage>/raw/{spec.name}/rows.jsonl`."
         ),
     )
     def _snapshot(

@@ -9,11 +9,13 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from rugpt_assets.core import evaluate, gguf
 from rugpt_assets.core.chat_template import render_prompt
-from rugpt_assets.core.configs import ExportConfig
+from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig, GenerationConfig
+from rugpt_assets.core.scoring import build_eval_set
+from rugpt_assets_tests.core.test_evaluate import hf_logprobs
 from rugpt_assets_tests.core.test_ggml import RARE_TEXTS
 from rugpt_assets_tests.core.test_gguf import CHATS, as_trained, gguf_demo
 from rugpt_assets_tests.gguf_support import require_llama_cpp
@@ -43,6 +45,21 @@ def f16_llama(export):
     return gguf_eval.load_llama(export.gguf_f16, threads=1)[0]
 
 
+@pytest.fixture(scope="session")
+def hf_model(export):
+    """The oracle: transformers' own GPT-2 on the merged checkpoint."""
+    return GPT2LMHeadModel.from_pretrained(export.model_dir).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    ids, out = list(prompt_ids), []
+    for _ in range(n):
+        out.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        ids.append(out[-1])
+    return out
+
+
 def test_tokenizes_like_hf(export, f16_llama):
     tokenizer = AutoTokenizer.from_pretrained(export.model_dir)
     texts = [*gguf_eval.TOKENIZATION_PROBES, *RARE_TEXTS]
@@ -52,34 +69,35 @@ def test_tokenizes_like_hf(export, f16_llama):
     assert tokenizer.bos_token_id not in f16_llama.tokenize(b"<s>bot\n", add_bos=False, special=False)
 
 
-def test_f16_logits_are_the_hf_models(export, f16_llama):
-    """llama.cpp's own next-token logits on a validation chat against the HF model's."""
-    model, tokenizer = evaluate.load_hf(export.model_dir)
+def test_f16_logits_are_the_hf_models(export, f16_llama, hf_model):
+    """llama.cpp's own next-token logits on a validation chat against transformers'."""
+    tokenizer = AutoTokenizer.from_pretrained(export.model_dir)
     ids = tokenizer(render_prompt(export.val_chats[0]["messages"]), add_special_tokens=False).input_ids
     with torch.inference_mode():
-        ours = gguf_eval.llama_logits(f16_llama)(ids)
-        hf = evaluate.hf_logits(model)(ids)
-    assert ours.shape == hf.shape == (len(ids), model.config.vocab_size)
+        ours = gguf_eval.llama_logits(f16_llama, ids)
+        hf = hf_model(input_ids=torch.tensor([ids])).logits[0]
+    assert ours.shape == hf.shape == (len(ids), hf_model.config.vocab_size)
     assert ((ours - hf).norm() / hf.norm()).item() < 2e-3
     assert torch.equal(ours.argmax(-1), hf.argmax(-1))
 
 
-def test_f16_greedy_tokens_equal_hf(export):
+def test_f16_greedy_tokens_equal_hf(export, f16_llama, hf_model):
     result = gguf_eval.greedy_agreement(export.gguf_f16, export.model_dir, PROMPT, n=16, threads=1)
     assert result["equal"], result
-    assert len(result["llama_cpp"]) == 16
+    prompt_ids = gguf_eval.tokenize(f16_llama, PROMPT)
+    assert result["llama_cpp"] == hf_greedy(hf_model, prompt_ids, 16)
 
 
-def test_generation_stops_at_end_of_reply(export, f16_llama):
+def test_generation_stops_at_end_of_reply(export, f16_llama, hf_model):
     """Greedy generation through llama.cpp's sampler gives the HF model's greedy reply and
     stops at </s>; seeded sampling is repeatable."""
     tokenizer = AutoTokenizer.from_pretrained(export.model_dir)
     reply = gguf_eval.generate(f16_llama, PROMPT, 64)
-    hf_ids = evaluate.greedy_tokens_hf(export.model_dir, PROMPT, 64)
+    hf_ids = hf_greedy(hf_model, gguf_eval.tokenize(f16_llama, PROMPT), 64)
     eos_at = hf_ids.index(tokenizer.eos_token_id)
     assert reply.ended and reply.new_tokens == eos_at + 1 and reply.pieces[-1] == ""
     assert reply.text == tokenizer.decode(hf_ids[:eos_at])
-    seeded = [gguf_eval.generate(f16_llama, PROMPT, 32, sampling=evaluate.GenerationConfig(), seed=7).text for _ in range(2)]
+    seeded = [gguf_eval.generate(f16_llama, PROMPT, 32, sampling=GenerationConfig(), seed=7).text for _ in range(2)]
     assert seeded[0] == seeded[1]
 
 
@@ -121,23 +139,34 @@ def test_every_type_is_llama_cpps_with_fallbacks_reported(export, quantized):
         assert weights["blk.0.ffn_down.weight"].type.name.endswith("_K")
 
 
-def test_perplexity_and_kl_from_llama_cpps_logits(export, quantized):
+def test_perplexity_and_kl_from_llama_cpps_logits(export, quantized, hf_model, tmp_path):
+    """On the GGML files' evaluation set: llama.cpp's f16 perplexity is transformers', the f16
+    file becomes the KL reference, and KL to it ranks the types."""
     config = ExportConfig(threads=1, eval_chats=16)
-    f16 = gguf_eval.evaluate_gguf_file(export.gguf_f16, export.model_dir, export.val_chats, config)
-    hf_model, tokenizer = evaluate.load_hf(export.model_dir)
-    hf_perplexity = evaluate.perplexity(hf_model, tokenizer, evaluate.evaluation_chats(export.val_chats, config), 256)
+    eval_set = build_eval_set(
+        export.val_chats, AutoTokenizer.from_pretrained(export.model_dir), 256, DEFAULT_SYSTEM_PROMPT, config.eval_chats
+    )
+    f16, reference = gguf_eval.evaluate_gguf_file(export.gguf_f16, eval_set, config)
+    logprobs, targets = hf_logprobs(hf_model, eval_set)
+    hf_perplexity = math.exp(-logprobs.gather(1, targets[:, None]).mean().item())
     assert f16["perplexity"] == pytest.approx(hf_perplexity, rel=1e-3) and "kl_to_f16" not in f16
+    assert f16["eval_set_sha256"] == eval_set.sha256 and reference.eval_set_sha256 == eval_set.sha256
+    evaluate.write_evaluation(export.gguf_f16, f16, reference)
     results = {
-        t: gguf_eval.evaluate_gguf_file(r.path, export.model_dir, export.val_chats, config, f16_path=export.gguf_f16)
+        t: gguf_eval.evaluate_gguf_file(r.path, eval_set, config, f16_path=export.gguf_f16)[0]
         for t, r in quantized.items()
     }
     kl = {t: r["kl_to_f16"] for t, r in results.items()}
     for gguf_type, numbers in results.items():
         assert math.isfinite(numbers["perplexity"]) and numbers["generation_tokens_per_s"] > 0
-        assert numbers["perplexity"] / f16["perplexity"] - 1 <= gguf_type.max_ppl_increase, (gguf_type, numbers)
+        assert evaluate.perplexity_delta(numbers, f16) <= gguf_type.max_ppl_increase, (gguf_type, numbers)
         assert 0 < kl[gguf_type] < 0.05, kl
     assert min(kl, key=kl.get) is gguf.GGUFType.Q8_0
     assert kl[gguf.GGUFType.Q8_0] < kl[gguf.GGUFType.Q6_K] < kl[gguf.GGUFType.Q4_K_M]
+    # A reference from another evaluation set is refused, naming the GGUF asset.
+    other = build_eval_set(export.val_chats[1:], AutoTokenizer.from_pretrained(export.model_dir), 256, "x", 4)
+    with pytest.raises(ValueError, match="Re-materialize gguf_f16, then this partition"):
+        gguf_eval.evaluate_gguf_file(quantized[gguf.GGUFType.Q8_0].path, other, config, f16_path=export.gguf_f16)
 
 
 def test_interrupted_quantization_leaves_no_file(export, tmp_path, monkeypatch):

@@ -32,6 +32,13 @@ class DagsterDev:
     url: str
     home: Path
     log_path: Path
+    pid: int  # of `dagster dev`, which leads its own process group
+
+    def crash(self) -> None:
+        """SIGKILL every process of this `dagster dev` (webserver, daemon, code server, run
+        workers and what they started), as a power cut or the OOM killer would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
         request = urllib.request.Request(
@@ -88,7 +95,7 @@ def dagster_dev(home: Path, env: dict[str, str] | None = None, timeout_s: float 
             stderr=subprocess.STDOUT,
             preexec_fn=_start_new_session_with_default_signals,
         )
-    server = DagsterDev(url=f"http://127.0.0.1:{port}", home=home, log_path=log_path)
+    server = DagsterDev(url=f"http://127.0.0.1:{port}", home=home, log_path=log_path, pid=process.pid)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
