@@ -93,7 +93,7 @@ def child(step: str, args) -> dict:
     from transformers import AutoTokenizer
 
     from rugpt_assets.core import evaluate, ggml, gguf, gguf_eval
-    from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig
+    from rugpt_assets.core.configs import ExportConfig
     from rugpt_assets.core.scoring import build_eval_set
     from rugpt_assets.core.gguf import GGUFType
     from rugpt_assets.core.quantize import QuantType, quantize_ggml
@@ -123,7 +123,7 @@ def child(step: str, args) -> dict:
         chats = [json.loads(line) for line in args.chats.read_text().splitlines()] if args.chats else BENCH_CHATS
         config = ExportConfig(threads=args.threads, eval_chats=args.eval_chats, eval_max_tokens=args.eval_max_tokens)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        eval_set = build_eval_set(chats, tokenizer, config.eval_max_tokens, DEFAULT_SYSTEM_PROMPT, config.eval_chats)
+        eval_set = build_eval_set(chats, tokenizer, config.eval_max_tokens, args.system_prompt, config.eval_chats)
         evaluate_file = evaluate.evaluate_ggml_file if container == "GGML" else gguf_eval.evaluate_gguf_file
         # The f16 file is evaluated first and becomes its format's KL reference, as in the assets.
         numbers, reference = evaluate_file(path, eval_set, config, None if quant == "F16" else f16)
@@ -148,6 +148,7 @@ def save(path: Path, key: str, value: dict) -> None:
 
 
 def main() -> None:
+    from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT
     from rugpt_assets.core.gguf import GGUFType
     from rugpt_assets.core.quantize import QuantType
 
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of every runtime, quantizer and speed run")
     parser.add_argument("--eval-chats", type=int, default=6)
     parser.add_argument("--eval-max-tokens", type=int, default=128)
+    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="of the scored chats")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", default="make,eval", help="make (write and quantize), eval, or both")
