@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -174,7 +175,9 @@ def main() -> None:
 
     steps = ["write f16", f"quantize {args.quant}", "f16", args.quant, "greedy check"]
     steps += ["llm-rs f16", f"llm-rs {args.quant}"] if args.llm_rs else []
+    load_before = os.getloadavg()[0]
     results = {step: run_child(step, work, args.chats, args.threads, args.quant) for step in steps}
+    print(f"machine load average (1 min) {load_before:.1f} before the steps, {os.getloadavg()[0]:.1f} after")
     sizes = {p.name: p.stat().st_size / GB for p in sorted(work.glob("model-*.bin"))}
     print(f"model: {spec}; files: " + ", ".join(f"{n} {s:.2f} GB" for n, s in sizes.items()))
     print(f"evaluation set: {args.chats} chats, {results['f16']['tokens']} target tokens; threads {args.threads}")
