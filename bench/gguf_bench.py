@@ -13,7 +13,8 @@ VmHWM, time is the work inside it (imports excluded).
            on the same evaluation set, --eval-chats chats of at most --eval-max-tokens tokens
            (GGML: dequantized weights in the streamed torch pass; GGUF: llama.cpp's own logits)
   speed    --new-tokens greedy tokens after a 16-token prompt, never stopping early, --threads
-           threads, after one warm-up generation; the median of --repeats runs
+           threads, after one warm-up generation; the median of --repeats runs (part of eval;
+           `--steps speed` measures only size and speed, without perplexity and KL)
 
 A random model's perplexity is near its vocabulary size and means little; KL to f16 is what
 ranks the types. --model-dir points at any GPT-2 safetensors checkpoint instead (for example
@@ -116,6 +117,12 @@ def child(step: str, args) -> dict:
         gguf_type = GGUFType[name.removeprefix("GGUF/")]
         out = work / "gguf" / f"model-{gguf_type.name.lower()}.gguf"
         gguf.quantize_gguf(work / "gguf" / "model-f16.gguf", gguf_type, out, args.threads)
+    elif kind == "speed":
+        container, quant = name.split("/")
+        path = {(c, q): p for c, q, p in files(work)}[(container, quant)]
+        f16 = {(c, q): p for c, q, p in files(work)}[(container, "F16")]
+        figures = (ggml if container == "GGML" else gguf).file_figures(path, f16)
+        return {**figures, **speed(container, path, args.threads, args.new_tokens, args.repeats)}
     elif kind == "eval":
         container, quant = name.split("/")
         path = {(c, q): p for c, q, p in files(work)}[(container, quant)]
@@ -167,7 +174,9 @@ def main() -> None:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="of the scored chats")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", default="make,eval", help="make (write and quantize), eval, or both")
+    parser.add_argument(
+        "--steps", default="make,eval", help="make (write and quantize), eval (all numbers), speed (size and speed only)"
+    )
     parser.add_argument("--formats", default="GGML,GGUF", help="which files to make and evaluate")
     parser.add_argument("--types", help="make only these quantized types (and not the f16 files)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -205,28 +214,31 @@ def main() -> None:
                 made = run_child(step, args)
                 save(work / "made.json", step, made)
                 print(f"{step}: {made['wall_s']:.1f} s, peak RSS {made['peak_rss_gb']:.2f} GB", flush=True)
-    if "eval" in steps:
-        for container, quant, _ in files(work):
-            if container in formats:
-                save(work / f"evaluated-{container}.json", quant, run_child(f"eval:{container}/{quant}", args))
-                print(f"eval {container} {quant}: done", flush=True)
+    for step in ("eval", "speed"):
+        if step in steps:
+            for container, quant, _ in files(work):
+                if container in formats:
+                    save(work / f"{step}-{container}.json", quant, run_child(f"{step}:{container}/{quant}", args))
+                    print(f"{step} {container} {quant}: done", flush=True)
 
     made = load(work / "made.json")
-    evaluated = {(c, q): v for c in ("GGML", "GGUF") for q, v in load(work / f"evaluated-{c}.json").items()}
+    evaluated = {(c, q): v for c in ("GGML", "GGUF") for q, v in load(work / f"eval-{c}.json").items()}
+    speeds = {(c, q): v for c in ("GGML", "GGUF") for q, v in load(work / f"speed-{c}.json").items()}
     print()
     print("| format | type | made by | make s | peak RSS GB | file MB | bits/weight | load s | tokens/s | perplexity | KL to f16 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for container, quant, _ in files(work):
-        if (container, quant) not in evaluated:
+        e = evaluated.get((container, quant)) or speeds.get((container, quant))
+        if e is None:
             continue
         m = made.get(f"write:{container}" if quant == "F16" else f"quant:{container}/{quant}")
         maker = "ours" if quant == "F16" else {"GGML": "llm-rs", "GGUF": "llama.cpp"}[container]
-        e = evaluated[(container, quant)]
         kl = f"{e['kl_to_f16']:.5f}" if "kl_to_f16" in e else "–"
+        perplexity = f"{e['perplexity']:.2f}" if "perplexity" in e else "–"
         making = f"{m['wall_s']:.1f} | {m['peak_rss_gb']:.2f}" if m else "– | –"
         print(
             f"| {container} | {quant} | {maker} | {making} | {e['size_bytes'] / 2**20:.1f} | "
-            f"{e['bits_per_weight']:.2f} | {e['load_s']:.2f} | {e['tokens_per_s']:.1f} | {e['perplexity']:.2f} | {kl} |"
+            f"{e['bits_per_weight']:.2f} | {e['load_s']:.2f} | {e['tokens_per_s']:.1f} | {perplexity} | {kl} |"
         )
 
 
