@@ -25,13 +25,17 @@ ExportRunConfig = settings.launchpad_config("ExportRunConfig", PROFILE.export)
 quant_partitions = dg.StaticPartitionsDefinition([q.name for q in QuantType])
 
 
+def system_prompt(storage: StorageResource) -> str:
+    """The system prompt the adapter was trained with (the profile's if it recorded none)."""
+    return evaluate.trained_system_prompt(storage.layout.lora_adapter, PROFILE.train.system_prompt)
+
+
 def eval_set_of(storage: StorageResource, export: ExportConfig) -> EvalSet:
     """The validation chats as the adapter was trained on them (its own system prompt)."""
     layout = storage.layout
     tokenizer = AutoTokenizer.from_pretrained(layout.merged_model, trust_remote_code=False)
-    system_prompt = evaluate.trained_system_prompt(layout.lora_adapter, PROFILE.train.system_prompt)
     val_chats = read_jsonl(layout.chat_set / "val.jsonl")
-    return build_eval_set(val_chats, tokenizer, export.eval_max_tokens, system_prompt, export.eval_chats)
+    return build_eval_set(val_chats, tokenizer, export.eval_max_tokens, system_prompt(storage), export.eval_chats)
 
 
 def exported_files(storage: StorageResource) -> list[tuple[str, str, Path]]:
