@@ -12,11 +12,12 @@ The evaluation set is small on purpose (--chats, default 4 saiga chats from the 
 samples, at most 256 tokens each): time grows with tokens, peak memory only through the hidden
 states (tokens × n_embd floats), which the extrapolation adds back. Each step runs in a fresh
 process; peak RSS is its VmHWM, reset after imports and tokenization (the runtime's RSS at
-that point in brackets); time is the step's work. Step `greedy` is the reference of the f16
-asset check: 16 greedy tokens from the merged safetensors, streamed with a KV cache. With
+that point in brackets); time is the step's work. Step `greedy check` is the reference pass of
+the f16 asset check (`evaluate.greedy_agreement`): the merged safetensors' next-token choices
+after a 64-token prompt and 16 drafted tokens, in one streamed pass. With
 --llm-rs, also llm-rs's load and a 16-token generation of each file (what `evaluate_ggml_file`
-measures besides quality): llm-rs memory-maps the file, so its RSS is mostly file pages
-(RssFile), reclaimable page cache.
+and the asset checks do besides scoring): llm-rs reads an unversioned GGML file whole into
+memory (it memory-maps only GGJT files), so its RSS is the file's size (RssAnon).
 
     python bench/eval_bench.py --work-dir /tmp/eval-bench --threads 2
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -75,9 +77,9 @@ def child(step: str, work: Path, chats: int, threads: int, quant: str) -> dict:
         ggml.write_ggml_f16(work / "model", work / "model-f16.bin")
     elif step == f"quantize {quant}":
         quantize_ggml(work / "model-f16.bin", QuantType[quant], work / f"model-{quant.lower()}.bin")
-    elif step == "greedy":
-        prompt = list(chat_tokens.chats[0][0][:64])
-        result["tokens"] = len(evaluate.greedy_tokens(evaluate.CheckpointWeights(work / "model"), prompt, 16))
+    elif step == "greedy check":
+        draft = list(chat_tokens.chats[0][0][:79])  # a 64-token prompt and 15 of 16 drafted tokens, as the check
+        result["tokens"] = len(evaluate.next_token_argmax(evaluate.CheckpointWeights(work / "model"), draft, 63))
     elif step.startswith("llm-rs "):
         model, result["load_s"] = evaluate.load_llm_rs(path, threads)
         result["tokens_per_s"] = evaluate.generate(model, "Привет! " * 8, 16, stop_at_special=False).tokens_per_s
@@ -105,34 +107,36 @@ def run_child(step: str, work: Path, chats: int, threads: int, quant: str) -> di
 
 
 def extrapolate(spec: dict, measured_gb: float, tokens: int, targets: int) -> list[str]:
-    """Peak at the 13B shape from a peak measured at the same width: depth adds nothing (one
-    layer at a time); more evaluation tokens add their hidden states, and on f16 the top-k
-    reference kept until it is written."""
+    """Peaks at the 13B shape from peaks measured at the same width and vocabulary: depth adds
+    nothing to the streamed evaluation (one layer at a time); more evaluation tokens add their
+    hidden states, and the top-k reference (kept while f16 is scored, loaded while a
+    quantization is). Writing and quantizing peak with the largest tensor (the embedding),
+    the same at 13B. llm-rs holds the whole file and its KV cache."""
     from rugpt_assets.core.configs import ExportConfig
 
     export = ExportConfig()
+    e, layers, vocab, ctx = RUGPT35["n_embd"], RUGPT35["n_layer"], RUGPT35["vocab"], spec["n_positions"]
     full_tokens = export.eval_chats * export.eval_max_tokens  # the most the default evaluation scores
     full_targets = full_tokens - export.eval_chats  # a chat's first token is never a target
-    hidden = (full_tokens - tokens) * RUGPT35["n_embd"] * 4 / GB
+    hidden = (full_tokens - tokens) * e * 4 / GB
     reference = (full_targets - targets) * export.kl_top_k * 8 / GB
-    layer = 12 * RUGPT35["n_embd"] ** 2 * 4 / GB
-    head = RUGPT35["vocab"] * RUGPT35["n_embd"] * 4 / GB
-    params = 12 * RUGPT35["n_embd"] ** 2 * RUGPT35["n_layer"] + (RUGPT35["vocab"] + 2048) * RUGPT35["n_embd"]
-    lines = [
-        f"one float32 layer at n_embd {RUGPT35['n_embd']}: {layer:.2f} GB; float32 lm_head: {head:.2f} GB (same at 13B)",
-        f"hidden states for {full_tokens} tokens instead of {tokens}: +{hidden:.2f} GB; "
-        f"top-{export.kl_top_k} reference for {full_targets} targets instead of {targets}: +{reference:.3f} GB",
-        f"13B ({RUGPT35['n_layer']} layers): {measured_gb:.2f} + {hidden:.2f} + {reference:.3f} = "
+    f16_file = (2 * (12 * e * e * layers + 2 * vocab * e) + 4 * (13 * e * layers + 2 * e + ctx * e)) / GB
+    kv_cache = 2 * layers * ctx * e * 2 / GB  # llm-rs keeps keys and values in f16
+    params = 12 * e * e * layers + (vocab + ctx) * e
+    bench_params = 12 * spec["n_embd"] ** 2 * spec["n_layer"] + (spec["vocab"] + ctx) * spec["n_embd"]
+    return [
+        f"one float32 layer at n_embd {e}: {12 * e * e * 4 / GB:.2f} GB; float32 lm_head: {vocab * e * 4 / GB:.2f} GB"
+        " (the same at 13B)",
+        f"hidden states for {full_tokens} tokens instead of {tokens}: +{hidden:.2f} GB; top-{export.kl_top_k} "
+        f"reference for {full_targets} targets instead of {targets}: +{reference:.3f} GB",
+        f"streamed evaluation at 13B ({layers} layers): {measured_gb:.2f} + {hidden:.2f} + {reference:.3f} = "
         f"{measured_gb + hidden + reference:.2f} GB peak",
-        f"whole-model path at 13B: float32 weights {params * 4 / GB:.1f} GB + an untied float32 lm_head {head:.2f} GB, "
-        f"plus {RUGPT35['vocab'] * 4 / 1e3:.0f} KB of log-probs per target token and file",
-    ]
-    bench_params = 12 * spec["n_embd"] ** 2 * spec["n_layer"] + (spec["vocab"] + spec["n_positions"]) * spec["n_embd"]
-    lines.append(
+        f"llm-rs at 13B: the f16 file {f16_file:.1f} GB + KV cache up to {kv_cache:.2f} GB + runtime",
+        f"whole-model path at 13B: float32 weights {params * 4 / GB:.1f} GB + an untied float32 lm_head "
+        f"{vocab * e * 4 / GB:.2f} GB, plus {vocab * 4 / 1e3:.0f} KB of log-probs per target token and file",
         f"whole-model path at this size ({bench_params / 1e9:.2f}B parameters): float32 weights "
-        f"{bench_params * 4 / GB:.1f} GB + lm_head {spec['vocab'] * spec['n_embd'] * 4 / GB:.2f} GB"
-    )
-    return lines
+        f"{bench_params * 4 / GB:.1f} GB + lm_head {spec['vocab'] * spec['n_embd'] * 4 / GB:.2f} GB",
+    ]
 
 
 def main() -> None:
@@ -169,9 +173,11 @@ def main() -> None:
         (work / "built").touch()
         print(f"built the model in {time.perf_counter() - start:.0f} s")
 
-    steps = ["write f16", f"quantize {args.quant}", "f16", args.quant, "greedy"]
+    steps = ["write f16", f"quantize {args.quant}", "f16", args.quant, "greedy check"]
     steps += ["llm-rs f16", f"llm-rs {args.quant}"] if args.llm_rs else []
+    load_before = os.getloadavg()[0]
     results = {step: run_child(step, work, args.chats, args.threads, args.quant) for step in steps}
+    print(f"machine load average (1 min) {load_before:.1f} before the steps, {os.getloadavg()[0]:.1f} after")
     sizes = {p.name: p.stat().st_size / GB for p in sorted(work.glob("model-*.bin"))}
     print(f"model: {spec}; files: " + ", ".join(f"{n} {s:.2f} GB" for n, s in sizes.items()))
     print(f"evaluation set: {args.chats} chats, {results['f16']['tokens']} target tokens; threads {args.threads}")
@@ -180,8 +186,8 @@ def main() -> None:
     for step, r in results.items():
         if step.startswith("llm-rs"):
             notes = f"load {r['load_s']:.1f} s, {r['tokens_per_s']:.2f} tokens/s; at the end RssAnon {r.get('RssAnon', 0):.2f} GB, RssFile {r.get('RssFile', 0):.2f} GB"
-        elif step == "greedy":
-            notes = f"{r['tokens']} greedy tokens from the merged safetensors after a 64-token prompt"
+        elif step == "greedy check":
+            notes = f"the f16 check's reference: {r['tokens']} next-token choices of the merged safetensors in one pass"
         elif step in ("write f16", f"quantize {args.quant}"):
             notes = "the export step itself, for the node's size"
         elif step == "f16":

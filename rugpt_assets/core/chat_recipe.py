@@ -425,10 +425,10 @@ def roleplay_message(m: Mapping[str, Any]) -> dict[str, Any]:
 
 def example_dialogue_text(example_dialogue: Any) -> str | None:
     """The example dialogue as lines joined with newlines (no newline after the last one); None
-    when it is not a list of messages with roles user/char (rulm stops with an error there).
+    when it is not a list of messages with roles user/char, or empty (rulm stops with an error there).
     Contents are formatted as Python formats any value, as rulm's f-string does."""
     if not isinstance(example_dialogue, list):
-        return None
+        return "" if example_dialogue == "" else None  # an empty string iterates as no messages
     lines = []
     for m in example_dialogue:
         role = m.get("role") if isinstance(m, dict) else None

@@ -14,9 +14,9 @@ the hidden states (tokens·n_embd) and one chunk of log-probs (256 tokens·n_voc
 the depth; only the embedding rows of tokens that occur are read. A whole float32 model would
 be 52 GB at 13B. The numbers — perplexity, KL, the f16 reference — come from `scoring`.
 
-The same pass over the merged model's safetensors (`CheckpointWeights`) gives the greedy
-tokens the f16 file must reproduce in llm-rs (`greedy_agreement`), one streamed pass per token
-with a KV cache, so that check needs no whole model in memory either.
+The same pass over the merged model's safetensors (`CheckpointWeights`) checks the greedy
+tokens of the f16 file in llm-rs (`greedy_agreement`), so that check needs no whole model in
+memory either.
 
 The f16 file is evaluated once per materialization: its perplexity goes to its `.eval.json`,
 what KL needs of its distributions to its `.reference.npz` (`scoring.Reference`). Every
@@ -48,7 +48,7 @@ from rugpt_assets.core.scoring import EvalSet, Reference, Scores
 def load_llm_rs(path: Path, threads: int) -> tuple[Gpt2, float]:
     """The file in llm-rs with its BPE tokenizer sidecar; returns (model, load seconds).
 
-    Threads are always set: llm-rs's default oversubscribes small machines (DESIGN §5). The
+    Threads are always set: llm-rs's default oversubscribes small machines (docs/ARCHITECTURE.md, "GGML files"). The
     context is the model's own n_ctx: llm-rs would otherwise allow 2048 positions and read
     past a smaller position table.
     """
@@ -153,17 +153,36 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def greedy_agreement(ggml_path: Path, model_dir: Path, prompt: str, n: int, threads: int) -> dict:
-    """Greedy tokens of the GGML file in llm-rs against the merged model in `model_dir` (its
-    safetensors, streamed: `greedy_tokens`, equal to HF's GPT2LMHeadModel in the tests)."""
+    """Greedy tokens of the GGML file in llm-rs against the merged model in `model_dir`.
+
+    The reference is the merged model's safetensors, streamed (`CheckpointWeights`, equal to
+    HF's GPT2LMHeadModel in the tests), and it verifies llm-rs's tokens as a draft in one pass
+    instead of generating token by token (a pass per token would read 26 GB per token at 13B):
+    the argmax after the prompt and after each drafted token is the greedy choice as long as
+    the draft agrees, so the first disagreement is where greedy decoding would part. llm-rs
+    reports special tokens as "" without saying which: the draft carries `</s>` there, and a
+    pass is repeated from the first one where the reference chose another special token.
+    Returns `hf`: the reference's greedy tokens up to and including the first disagreement.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    expected = token_pieces(tokenizer, greedy_tokens(CheckpointWeights(model_dir), prompt_ids, n))
     model, _ = load_llm_rs(ggml_path, threads)
     got = generate(model, prompt, n, stop_at_special=False).pieces
-    matching = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-    return {"tokens": n, "matching_prefix": matching, "equal": got == expected, "llm_rs": got, "hf": expected}
+    del model
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    weights = CheckpointWeights(model_dir)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    draft = [tokenizer.eos_token_id if p == "" else tokenizer.convert_tokens_to_ids(p) for p in got]
+    while True:
+        chosen = next_token_argmax(weights, prompt_ids + draft[:-1], len(prompt_ids) - 1)
+        expected = token_pieces(tokenizer, chosen)
+        matching = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), len(got))
+        respecial = next((i for i in range(matching) if draft[i] != chosen[i]), None)
+        if respecial is None:
+            break
+        draft[respecial] = chosen[respecial]  # another special token: the positions after it change
+    equal = matching == n == len(got)
+    return {"tokens": n, "matching_prefix": matching, "equal": equal, "llm_rs": got, "hf": expected[: matching + 1]}
 
 
 # ---------------------------------------------------------------------------- streamed forward pass
@@ -221,55 +240,40 @@ class CheckpointWeights:
 
 
 Weights = GGMLWeights | CheckpointWeights
-KVCache = list[list[tuple[torch.Tensor, torch.Tensor] | None]]  # per layer, per sequence
 
 
-def _block(hidden: list[torch.Tensor], w: dict[str, torch.Tensor], n_head: int, cache: list | None) -> None:
-    """One GPT-2 block over each sequence's hidden states (tokens, n_embd), in place. With
-    `cache` (one entry per sequence) the keys and values of earlier calls are attended to and
-    extended: a call either starts a sequence or adds one token to it."""
+def _block(hidden: list[torch.Tensor], w: dict[str, torch.Tensor], n_head: int) -> None:
+    """One GPT-2 block over each sequence's hidden states (tokens, n_embd), in place."""
     F = torch.nn.functional
-    for i, h in enumerate(hidden):
+    for h in hidden:
         n, width = h.shape
         x = F.layer_norm(h, (width,), w["ln_1/g"], w["ln_1/b"], LAYER_NORM_EPS)
         qkv = F.linear(x, w["attn/c_attn/w"], w["attn/c_attn/b"]).split(width, -1)
         q, k, v = (t.view(n, n_head, -1).transpose(0, 1) for t in qkv)
-        past = cache[i] if cache is not None else None
-        if past is not None:
-            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
-        if cache is not None:
-            cache[i] = (k, v)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
-        h += F.linear(attended.transpose(0, 1).reshape(n, width), w["attn/c_proj/w"], w["attn/c_proj/b"])
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(n, width)
+        h += F.linear(attended, w["attn/c_proj/w"], w["attn/c_proj/b"])
         x = F.layer_norm(h, (width,), w["ln_2/g"], w["ln_2/b"], LAYER_NORM_EPS)
         x = F.gelu(F.linear(x, w["mlp/c_fc/w"], w["mlp/c_fc/b"]), approximate="tanh")
         h += F.linear(x, w["mlp/c_proj/w"], w["mlp/c_proj/b"])
 
 
 def _final_states(
-    weights: Weights,
-    sequences: Sequence[Sequence[int]],
-    progress: Callable[[str], None] | None = None,
-    cache: KVCache | None = None,
-    offset: int = 0,
+    weights: Weights, sequences: Sequence[Sequence[int]], progress: Callable[[str], None] | None = None
 ) -> list[torch.Tensor]:
-    """Each sequence's hidden states after ln_f, one layer's weights in memory at a time.
-    Positions start at `offset` (the tokens already in `cache`)."""
+    """Each sequence's hidden states after ln_f, one layer's weights in memory at a time."""
     shape = weights.shape
-    longest = offset + max(len(ids) for ids in sequences)
+    longest = max(len(ids) for ids in sequences)
     if longest > shape.n_ctx:
         raise ValueError(f"{weights.name}: sequences reach {longest} tokens, past the model's {shape.n_ctx} positions")
     used = sorted({i for ids in sequences for i in ids})
     if used[-1] >= shape.n_vocab:
         raise ValueError(f"{weights.name}: token id {used[-1]} is past the vocabulary of {shape.n_vocab}")
     row_of = {token: row for row, token in enumerate(used)}
-    embeddings, positions = weights.rows("model/wte", used), weights.rows("model/wpe", range(offset, longest))
+    embeddings, positions = weights.rows("model/wte", used), weights.rows("model/wpe", range(longest))
     hidden = [embeddings[[row_of[i] for i in ids]] + positions[: len(ids)] for ids in sequences]
     del embeddings, positions
     for layer in range(shape.n_layer):
-        block = {name: weights.tensor(f"model/h{layer}/{name}") for name in ggml.BLOCK_TENSORS}
-        _block(hidden, block, shape.n_head, cache[layer] if cache is not None else None)
-        del block
+        _block(hidden, {name: weights.tensor(f"model/h{layer}/{name}") for name in ggml.BLOCK_TENSORS}, shape.n_head)
         if progress:
             progress(f"{weights.name}: layer {layer + 1}/{shape.n_layer}")
     gain, bias = weights.tensor("model/ln_f/g"), weights.tensor("model/ln_f/b")
@@ -305,17 +309,10 @@ def target_logprobs(
 
 
 @torch.inference_mode()
-def greedy_tokens(weights: Weights, prompt_ids: Sequence[int], n: int) -> list[int]:
-    """n greedy next tokens (argmax, no penalties, no stop token), streaming the weights once
-    per token (keys and values cached)."""
-    cache: KVCache = [[None] for _ in range(weights.shape.n_layer)]
-    new, offset, out = list(prompt_ids), 0, []
-    for _ in range(n):
-        [h] = _final_states(weights, [new], cache=cache, offset=offset)
-        offset += len(new)
-        new = [int((weights.tensor("model/lm_head") @ h[-1]).argmax())]
-        out.append(new[0])
-    return out
+def next_token_argmax(weights: Weights, ids: Sequence[int], start: int) -> list[int]:
+    """The most likely next token after each position from `start` on, in one streamed pass."""
+    [h] = _final_states(weights, [ids])
+    return (h[start:] @ weights.tensor("model/lm_head").T).argmax(-1).tolist()
 
 
 # ---------------------------------------------------------------------------- a file's numbers
@@ -331,26 +328,27 @@ def reference_path(ggml_path: Path) -> Path:
     return Path(ggml_path).with_suffix(".reference.npz")
 
 
-def _identity(path: Path) -> dict:
+def file_identity(path: Path) -> dict:
     stat = Path(path).stat()
     return {"file": Path(path).name, "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def read_reference(f16_path: Path, eval_set: EvalSet) -> Reference:
+def read_reference(f16_path: Path, eval_set: EvalSet, f16_asset: str = "ggml_f16") -> Reference:
     """The f16 file's stored reference, only if it was computed from that very file on this
-    evaluation set; otherwise a clear error that says what to re-materialize."""
+    evaluation set; otherwise a clear error that says what to re-materialize (`f16_asset`, the
+    asset that wrote the file: GGML's or GGUF's)."""
     path = reference_path(f16_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: materialize ggml_f16 (it evaluates the f16 file once for every quantization)")
+        raise FileNotFoundError(f"{path} is missing: materialize {f16_asset} (it evaluates the f16 file once for every quantization)")
     reference = Reference.load(path)
     if reference.eval_set_sha256 != eval_set.sha256:
         raise ValueError(
-            f"ggml_f16 was evaluated on another evaluation set (sha256 {reference.eval_set_sha256[:12]}) than this "
+            f"{f16_asset} was evaluated on another evaluation set (sha256 {reference.eval_set_sha256[:12]}) than this "
             f"run's ({eval_set.sha256[:12]}): chat_set's validation chats, the tokenizer, the system prompt or the "
-            "eval settings changed since. Re-materialize ggml_f16, then this partition."
+            f"eval settings changed since. Re-materialize {f16_asset}, then this partition."
         )
-    if any(reference.source.get(k) != v for k, v in _identity(f16_path).items()):
-        raise ValueError(f"{f16_path} changed after ggml_f16 evaluated it: re-materialize ggml_f16, then this partition")
+    if any(reference.source.get(k) != v for k, v in file_identity(f16_path).items()):
+        raise ValueError(f"{f16_path} changed after {f16_asset} evaluated it: re-materialize {f16_asset}, then this partition")
     return reference
 
 
@@ -388,21 +386,29 @@ def evaluate_ggml_file(
             scores.add(logprobs, targets)
     finally:
         torch.set_num_threads(threads)
-    numbers |= {
-        "load_time_s": load_time,
+    numbers |= {"load_time_s": load_time, "eval_time_s": time.perf_counter() - start}
+    return file_numbers(path, numbers, sample, scores, eval_set, export)
+
+
+def file_numbers(
+    path: Path, numbers: dict, sample: Generation, scores: Scores, eval_set: EvalSet, export: ExportConfig
+) -> tuple[dict, Reference | None]:
+    """A scored file's numbers (GGML's or GGUF's, same keys) and, when it was scored without a
+    reference (it is the f16 file), its reference for the quantized files' KL."""
+    numbers = {
+        **numbers,
         "generation_tokens_per_s": sample.tokens_per_s,
         "perplexity": scores.perplexity,
-        "eval_time_s": time.perf_counter() - start,
         "eval_chats": len(eval_set.chats),
         "eval_tokens": scores.tokens,
         "eval_set_sha256": eval_set.sha256,
         "sample_prompt": export.check_prompt,
         "sample_text": sample.text,
     }
-    if reference is not None:
+    if scores.has_reference:
         numbers |= {"kl_to_f16": scores.kl, "f16_tail_mass": scores.reference_tail_mass}
         return numbers, None
-    return numbers, scores.as_reference(eval_set, {**_identity(path), "sha256": numbers["sha256"]})
+    return numbers, scores.as_reference(eval_set, {**file_identity(path), "sha256": numbers["sha256"]})
 
 
 def write_evaluation(ggml_path: Path, numbers: dict, reference: Reference | None = None) -> None:
@@ -423,7 +429,7 @@ def perplexity_delta(numbers: dict, f16_numbers: dict) -> float:
     if ours != f16:
         raise ValueError(
             f"the f16 perplexity was measured on evaluation set {f16[:12]}, this file's on {ours[:12]}: "
-            "re-materialize ggml_f16, then this partition"
+            "re-materialize the f16 asset (ggml_f16 or gguf_f16), then this partition"
         )
     return numbers["perplexity"] / f16_numbers["perplexity"] - 1
 

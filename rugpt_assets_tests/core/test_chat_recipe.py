@@ -443,6 +443,15 @@ def test_step9_roleplay():
     ]
 
 
+def test_step9_example_dialogue_text():
+    dialogue = [user("Кто вы?"), {"role": "char", "content": None, "mood": "calm"}]
+    assert cr.example_dialogue_text(dialogue) == "Пользователь: Кто вы?\nПерсонаж: None"
+    assert cr.example_dialogue_text([]) == cr.example_dialogue_text("") == ""  # both iterate as nothing
+    # rulm stops on these: no list of messages, a role it has no prefix for, no content
+    for unreadable in (None, "Кто вы?", [system("Да")], [{"role": "user"}], ["Кто вы?"]):
+        assert cr.example_dialogue_text(unreadable) is None
+
+
 def test_step9_reads_greeting_and_example_dialogue_only_when_drawn():
     # Draws as in test_step9_roleplay, greeting p 0.5, example p 0.1: dialogue 1 (0.6394, 0.0250)
     # reads the example dialogue, dialogue 2 (0.2750, 0.2232) the greeting, dialogue 3 neither.

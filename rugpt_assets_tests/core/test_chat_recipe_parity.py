@@ -4,7 +4,10 @@
 loops: the global ``random`` module seeded once with 42, datasketch's own ``MinHashLSH`` and
 ``MinHash`` objects (so the draws that building the index makes happen here the way they
 happen in rulm), every field read only where the script reads it, and every place where the
-script would stop with an error left to fail the same way. It shares no code with the product.
+script would stop with an error left to fail the same way (only its endless redraw, when every
+record has been mixed into, raises instead). It shares no code with the product. On 400 of these
+inputs it gave the same records as rulm's own script run with datasketch 1.5.9, and stopped
+where that script stopped.
 
 A seeded generator writes hub-layout files (both message-list forms, missing columns, nulls and
 empty strings on every path, bad phrases at the start, middle and end of every kind of text,
@@ -377,7 +380,7 @@ class HubRows:
             "context": maybe_null(self.text(self.rng.choice([0, 50, 300]), bad=0.03)),
             # rulm reads these on one draw in five: a null then stops it
             "greeting": None if self.stopper(0.2) else self.text(30, bad=0.05),
-            "example_dialogue": None if self.stopper(0.2) else example,
+            "example_dialogue": None if self.stopper(0.2) else self.rng.choice([example, example, [], "", {}]),
             "dialogues": dialogues,
         }
 
