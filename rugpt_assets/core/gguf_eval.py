@@ -120,13 +120,19 @@ def greedy_tokens(llama, prompt: str, n: int) -> tuple[list[int], float]:
 
 
 def greedy_agreement(gguf_path: Path, model_dir: Path, prompt: str, n: int, threads: int) -> dict:
-    """Greedy tokens of the GGUF file in llama.cpp against the merged model in `model_dir` (its
-    safetensors, streamed: `evaluate.greedy_tokens`, as the GGML check does)."""
+    """Greedy tokens of the GGUF file in llama.cpp against the merged model in `model_dir`: its
+    safetensors, streamed, verifying llama.cpp's tokens as a draft in one pass as the GGML
+    check does (`evaluate.greedy_agreement`; llama.cpp reports exact ids, special ones too).
+    Returns `hf`: the reference's greedy tokens up to and including the first disagreement."""
     llama, _ = load_llama(gguf_path, threads)
-    hf = evaluate.greedy_tokens(evaluate.CheckpointWeights(model_dir), tokenize(llama, prompt), n)
+    prompt_ids = tokenize(llama, prompt)
     ours, _ = greedy_tokens(llama, prompt, n)
-    matching = next((i for i, (a, b) in enumerate(zip(ours, hf)) if a != b), min(len(ours), len(hf)))
-    return {"tokens": n, "matching_prefix": matching, "equal": ours == hf, "llama_cpp": ours, "hf": hf}
+    del llama
+    weights = evaluate.CheckpointWeights(model_dir)
+    chosen = evaluate.next_token_argmax(weights, prompt_ids + ours[:-1], len(prompt_ids) - 1)
+    matching = next((i for i, (a, b) in enumerate(zip(ours, chosen)) if a != b), len(ours))
+    return {"tokens": n, "matching_prefix": matching, "equal": matching == n == len(ours), "llama_cpp": ours,
+            "hf": chosen[: matching + 1]}  # fmt: skip
 
 
 def generate(
