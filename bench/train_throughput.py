@@ -1,5 +1,5 @@
 """LoRA training throughput on a ruGPT-3.5-13B-shaped model: the seed's batch shape against the
-project's packed path, side by side in one process (DESIGN §7: compare inside one run only).
+project's packed path, side by side in one process (absolute GPU figures drift between calls: compare inside one run only).
 
 A GPT-2 of ruGPT-3.5's shape (n_embd 5120, 40 layers, 40 heads, vocab 50272, 2048 positions)
 is built with random weights directly on the device in bf16 and gets the seed's LoRA (r 16,
@@ -81,7 +81,7 @@ from rugpt_assets.core.train import (
     trainable,
 )
 
-H200_BF16_FLOPS = 790e12  # measured dense bf16 matmul rate (DESIGN §7)
+H200_BF16_FLOPS = 790e12  # measured dense bf16 matmul rate (one H200)
 SEED_CHATS_PER_STEP = 256  # per-device batch 2 × gradient accumulation 128
 SAMPLES = Path(__file__).resolve().parents[1] / "rugpt_assets" / "samples"
 

@@ -97,7 +97,11 @@ def rugpt35_profile() -> Profile:
         # seed's 256 chats per optimizer step. On a 24 GB card set load_in_4bit,
         # gradient_checkpointing on and compile_blocks off in the launchpad (11.7–21 GB measured;
         # 8-bit needs more than 24 GB with today's bitsandbytes, see docs/PERFORMANCE.md).
-        train=replace(
+        # RUGPT_SEED_RECIPE=1 trains exactly as the seed did instead (8-bit base, batch 2 × 128,
+        # chats padded to the longest, no packing, gradient checkpointing).
+        train=replace(TrainConfig(), device="cuda", packing=False)
+        if os.environ.get("RUGPT_SEED_RECIPE") == "1"
+        else replace(
             TrainConfig(),
             device="cuda",
             load_in_8bit=False,

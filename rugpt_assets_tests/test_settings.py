@@ -54,3 +54,11 @@ def test_impossible_settings_are_rejected_with_the_reason(changes, message):
     launchpad = config_class.model_construct(**{f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)} | changes)
     with pytest.raises(ValueError, match=message):
         settings.config_to_dataclass(launchpad, TrainConfig)
+
+
+def test_one_switch_gives_the_seed_recipe_on_rugpt35(monkeypatch):
+    monkeypatch.setenv("RUGPT_SEED_RECIPE", "1")
+    assert settings.rugpt35_profile().train == replace(TrainConfig(), device="cuda", packing=False)
+    monkeypatch.delenv("RUGPT_SEED_RECIPE")
+    fast = settings.rugpt35_profile().train
+    assert (fast.load_in_8bit, fast.attn_implementation, fast.compile_blocks) == (False, "packed_varlen", True)

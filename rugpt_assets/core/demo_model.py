@@ -86,7 +86,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     # Wrapping the tokenizers object (not GPT2TokenizerFast(vocab, merges)) keeps encoding
-    # working with transformers 5 (DESIGN §5).
+    # working with transformers 5 (docs/ARCHITECTURE.md, "Training").
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<pad>",
@@ -184,7 +184,7 @@ def gpt2_weight_shapes(n_embd: int, n_layer: int, vocab_size: int, n_positions: 
 
 
 def write_generation_config(model_dir: Path, generation: GenerationConfig = GenerationConfig()) -> None:
-    """The seed's generation defaults with ruGPT-3.5's special ids (DESIGN §4)."""
+    """The seed's generation defaults with ruGPT-3.5's special ids (docs/ARCHITECTURE.md, "Training")."""
     values = {
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,

@@ -1,4 +1,4 @@
-"""Packed batches with exact per-chat attention (DESIGN §7).
+"""Packed batches with exact per-chat attention (docs/ARCHITECTURE.md, "Training").
 
 Chats are packed into rows of at most ``pack_tokens`` tokens (best-fit decreasing, so rows are
 nearly full). Inside a row every chat keeps its own positions (0, 1, …) and attends only to

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of the GPT-2 base on the chat set (DESIGN §4, §7): a plain loop, not HF Trainer.
+"""LoRA fine-tuning of the GPT-2 base on the chat set (docs/ARCHITECTURE.md, "Training"): a plain loop, not HF Trainer.
 
 Run ``python -m rugpt_assets.core.train --config job.json`` (under ``torchrun --nproc_per_node N``
 for DDP), or call `train_lora` in-process. ``job.json`` holds the `TrainJob` paths and a
@@ -161,7 +161,7 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig:
-    # GPT-2's Conv1D stores weights transposed: fan_in_fan_out (DESIGN §4).
+    # GPT-2's Conv1D stores weights transposed: fan_in_fan_out (docs/ARCHITECTURE.md, "Training").
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

@@ -3,13 +3,13 @@ of `lora_adapter` is launched through GraphQL (what the UI's Materialize sends),
 it to the run launcher and a run worker process trains through Pipes. Once a checkpoint is saved,
 the run worker and the trainer are SIGKILLed, and the rest of `dagster dev` with them (a crash
 the code server cannot report). Started again, the daemon's run monitoring fails the dead run and
-frees its `gpu` slot, so the next training starts. Then `lora_adapter` is materialized again as a new run, by
-"re-execute from failure", and by the whole-graph jobs (prepare, train, export) launched from scratch, each from the state
-the kill left (the checkpoint folder is put back as it was between them): each resumes from the
-checkpoint, continues the loss history, and ends with the LoRA weights of an uninterrupted
-training.
+frees its `gpu` slot, so the next training starts. Then `lora_adapter` is materialized again as
+a new run, by "re-execute from failure", and by the whole-graph jobs (prepare, train, export)
+launched from scratch, each from the state the kill left (the checkpoint folder is put back as
+it was between them): each resumes from the checkpoint, continues the loss history, and ends
+with the LoRA weights of an uninterrupted training.
 
-The automation sensor is stopped here: only the runs the test launches run.
+The automation sensors are stopped here: only the runs the test launches run.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def launched_run_id(result: dict) -> str:
     return result["run"]["runId"]
 
 
-def launch(server: DagsterDev, selector: dict) -> str:
-    params = {"selector": selector, "runConfigData": RUN_CONFIG}
+def launch(server: DagsterDev, selector: dict, run_config: dict = RUN_CONFIG) -> str:
+    params = {"selector": selector, "runConfigData": run_config}
     return launched_run_id(server.graphql(LAUNCH_RUN, {"params": params})["launchRun"])
 
 
@@ -330,7 +330,7 @@ def test_reexecution_from_failure_resumes(server, instance, layout, after_kill, 
 @pytest.mark.e2e
 def test_whole_graph_jobs_from_scratch_resume_and_reuse_the_base_model(server, instance, layout, after_kill, reference):
     base_model_version = data_version(instance, "base_model")
-    prepare = launch(server, job_selector(server, PREPARE_JOB))
+    prepare = launch(server, job_selector(server, PREPARE_JOB), run_config={})
     assert wait_for_end(server, instance, prepare, extra_s=300) == "SUCCESS"
     # base_model was verified and reused: same data version, nothing rebuilt.
     messages = [e.user_message for e in instance.all_logs(prepare)]
@@ -342,6 +342,6 @@ def test_whole_graph_jobs_from_scratch_resume_and_reuse_the_base_model(server, i
     assert_resumed(instance, layout, again, after_kill.step, reference)
 
     # And the rest of the graph followed from the resumed adapter.
-    export = launch(server, job_selector(server, EXPORT_JOB))
+    export = launch(server, job_selector(server, EXPORT_JOB), run_config={})
     assert wait_for_end(server, instance, export, extra_s=600) == "SUCCESS"
     assert instance.get_latest_materialization_event(dg.AssetKey("ggml_f16")).run_id == export
