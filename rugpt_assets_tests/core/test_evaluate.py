@@ -252,7 +252,7 @@ def test_quantized_file_is_compared_only_with_a_fresh_f16_evaluation(export, eva
     other = build_eval_set(export.val_chats[1:], tokenizer, 256, DEFAULT_SYSTEM_PROMPT, CONFIG.eval_chats)
     with pytest.raises(ValueError, match="Re-materialize ggml_f16, then this partition"):
         evaluate.read_reference(f16, other)
-    with pytest.raises(ValueError, match="re-materialize ggml_f16"):
+    with pytest.raises(ValueError, match=r"re-materialize the f16 asset \(ggml_f16 or gguf_f16\)"):
         evaluate.perplexity_delta({**quantized, "eval_set_sha256": other.sha256}, numbers)
     os.utime(f16)  # rewritten after its evaluation
     with pytest.raises(ValueError, match="changed after ggml_f16 evaluated it"):
