@@ -19,13 +19,18 @@ after a 64-token prompt and 16 drafted tokens, in one streamed pass. With
 and the asset checks do besides scoring): llm-rs reads an unversioned GGML file whole into
 memory (it memory-maps only GGJT files), so its RSS is the file's size (RssAnon).
 
-    python bench/eval_bench.py --work-dir /tmp/eval-bench --threads 2
+With --kl-accuracy it measures instead how close KL over f16's top k + tail comes to the exact
+KL, for every quantization of the demo profile's base model (`kl_accuracy`).
+
+    python bench/eval_bench.py --work-dir /tmp/eval-bench --threads 2 --llm-rs
+    python bench/eval_bench.py --work-dir /tmp/kl-accuracy --kl-accuracy --chats 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,7 +50,7 @@ def prepare(work: Path, spec: dict) -> None:
     train_tokenizer(list(sample_texts(settings.BUNDLED_SAMPLES_DIR)), 4096).save_pretrained(work / "model")
 
 
-def eval_set(work: Path, chats: int):
+def eval_set(model_dir: Path, chats: int):
     from transformers import AutoTokenizer
 
     from rugpt_assets import settings
@@ -54,7 +59,7 @@ def eval_set(work: Path, chats: int):
     from rugpt_assets.core.scoring import build_eval_set
 
     saiga = sources.load_local(sources.SOURCES_BY_NAME["ru_turbo_saiga"], settings.BUNDLED_SAMPLES_DIR).rows
-    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return build_eval_set(saiga, tokenizer, ExportConfig().eval_max_tokens, DEFAULT_SYSTEM_PROMPT, chats)
 
 
@@ -67,7 +72,7 @@ def child(step: str, work: Path, chats: int, threads: int, quant: str) -> dict:
     from rugpt_assets.core.scoring import Reference, Scores
 
     torch.set_num_threads(threads)
-    chat_tokens = eval_set(work, chats)
+    chat_tokens = eval_set(work / "model", chats)
     path = work / f"model-{step.removeprefix('llm-rs ').lower()}.bin"
     Path("/proc/self/clear_refs").write_text("5")  # the peak from here: after imports and tokenization
     result = {"runtime_gb": rss_gb("VmRSS")}
@@ -138,6 +143,47 @@ def extrapolate(spec: dict, measured_gb: float, tokens: int, targets: int) -> li
     ]
 
 
+def kl_accuracy(work: Path, chats: int) -> None:
+    """KL over f16's top k + tail (`scoring`) against the exact full-vocabulary KL, for every
+    quantization of the demo profile's base model (vocabulary 2048, pre-trained on the bundled
+    samples), on `chats` saiga chats."""
+    import torch
+
+    from rugpt_assets import settings
+    from rugpt_assets.core import evaluate, ggml
+    from rugpt_assets.core.demo_model import build_demo_model, sample_texts
+    from rugpt_assets.core.quantize import QuantType, quantize_ggml
+    from rugpt_assets.core.scoring import Scores
+
+    model_dir = work / "demo-model"
+    if not (model_dir / "config.json").exists():
+        build_demo_model(sample_texts(settings.BUNDLED_SAMPLES_DIR), model_dir)
+    ggml.write_ggml_f16(model_dir, work / "demo-f16.bin")
+    files = {q.name: quantize_ggml(work / "demo-f16.bin", q, work / f"demo-{q.name.lower()}.bin").path for q in QuantType}
+    chat_tokens = eval_set(model_dir, chats)
+
+    def logprobs(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        chunks = list(evaluate.target_logprobs(evaluate.GGMLWeights(path), chat_tokens))
+        return torch.cat([c for c, _ in chunks]), torch.cat([t for _, t in chunks])
+
+    p, targets = logprobs(work / "demo-f16.bin")
+    ks = (16, 64, 256, 1024)
+    print(f"{len(targets)} target tokens, vocabulary {p.shape[1]}; KL over top k + tail / exact KL (f16 tail mass)")
+    print("| type | exact KL | " + " | ".join(f"k = {k}" for k in ks) + " |")
+    print("|---|---|" + "---|" * len(ks))
+    for name, path in files.items():
+        q = logprobs(path)[0]
+        exact = torch.nn.functional.kl_div(q.double(), p.double(), log_target=True, reduction="sum").item() / len(p)
+        cells = []
+        for k in ks:
+            reference = Scores(top_k=k)
+            reference.add(p, targets)
+            scored = Scores(reference.as_reference(chat_tokens, {}))
+            scored.add(q, targets)
+            cells.append(f"{scored.kl / exact:.3f} ({scored.reference_tail_mass:.4f})")
+        print(f"| {name} | {exact:.3g} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, required=True, help="cache for the model files, and outputs")
@@ -150,9 +196,14 @@ def main() -> None:
     parser.add_argument("--chats", type=int, default=4, help="evaluation chats (bundled saiga samples)")
     parser.add_argument("--threads", type=int, default=2, help="torch (and llm-rs) threads")
     parser.add_argument("--llm-rs", action="store_true", help="also llm-rs load + 16-token generation")
+    parser.add_argument("--kl-accuracy", action="store_true", help="only: top-k KL against exact KL on the demo model")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work_dir
+    if args.kl_accuracy:
+        work.mkdir(parents=True, exist_ok=True)
+        kl_accuracy(work, args.chats)
+        return
     if args.child:
         if args.child == "prepare":
             prepare(work, json.loads((work / "spec.json").read_text()))
@@ -174,7 +225,9 @@ def main() -> None:
 
     steps = ["write f16", f"quantize {args.quant}", "f16", args.quant, "greedy check"]
     steps += ["llm-rs f16", f"llm-rs {args.quant}"] if args.llm_rs else []
+    load_before = os.getloadavg()[0]
     results = {step: run_child(step, work, args.chats, args.threads, args.quant) for step in steps}
+    print(f"machine load average (1 min) {load_before:.1f} before the steps, {os.getloadavg()[0]:.1f} after")
     sizes = {p.name: p.stat().st_size / GB for p in sorted(work.glob("model-*.bin"))}
     print(f"model: {spec}; files: " + ", ".join(f"{n} {s:.2f} GB" for n, s in sizes.items()))
     print(f"evaluation set: {args.chats} chats, {results['f16']['tokens']} target tokens; threads {args.threads}")
@@ -196,7 +249,7 @@ def main() -> None:
         print("- no extrapolation to 13B: it needs ruGPT-3.5's n_embd and vocab")
         return
     peak = max(results["f16"]["peak_rss_gb"], results[args.quant]["peak_rss_gb"])
-    tokens = sum(len(ids) for ids, _ in eval_set(work, args.chats).chats)
+    tokens = sum(len(ids) for ids, _ in eval_set(work / "model", args.chats).chats)
     for line in extrapolate(spec, peak, tokens, results["f16"]["tokens"]):
         print("-", line)
 

@@ -448,10 +448,11 @@ def collect(results: dict, instance, runs, sampler: Sampler, storage: Path) -> N
 
     trainer_lines = []
     for label, run_id in runs:
+        run_end = instance.get_run_record_by_id(run_id).end_time  # a killed step logs no end
         for key, step in step_windows(instance, run_id).items():
             if "start" not in step:
                 continue
-            end = step.get("end", time.time())
+            end = step.get("end") or run_end or time.time()
             rss, gpu = sampler.peaks(step["start"], end)
             row = {"run": label, "wall_s": round(end - step["start"], 1), "status": step.get("status", "unfinished"),
                    "peak_rss_gb": round(rss, 2), "peak_gpu_gb": round(gpu, 1), "checks": step.get("checks", {})}  # fmt: skip

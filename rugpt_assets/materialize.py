@@ -2,18 +2,22 @@
 
 Observes the sources first (so the automation sensors later see them as already known), then
 runs the jobs of both code locations in dependency order: `prepare`, `train` (the GPU location),
-`export`, and every `quantize` partition. Each job runs in this process, with no run launcher;
-runs are recorded in the instance, so the UI shows them with their metadata.
+`export` (which includes `gguf_f16` when llama-cpp-python is installed), and every `quantize`
+partition. `--gguf-quantizations` also runs every `quantize_gguf` partition (left out by default
+to keep the demo's first run short). Each job runs in this process, with no run launcher; runs
+are recorded in the instance, so the UI shows them with their metadata.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
 import dagster as dg
 
 from rugpt_assets import definitions, gpu_definitions
+from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.quantize import QuantType
 
 CPU_POOL_SLOTS = 2  # quantizations side by side; the gpu pool keeps dagster.yaml's default of 1
@@ -27,6 +31,7 @@ TRAIN_AND_EXPORT: list[Step] = [
     (definitions.defs, "export", None),
 ]
 QUANTIZE: list[Step] = [(definitions.defs, "quantize", q.name) for q in QuantType]
+QUANTIZE_GGUF: list[Step] = [(definitions.defs, "quantize_gguf", t.name) for t in GGUFType]
 
 
 def run(plan: Sequence[Step]) -> int:
@@ -45,8 +50,13 @@ def run(plan: Sequence[Step]) -> int:
     return 0
 
 
-def main() -> int:
-    status = run(TRAIN_AND_EXPORT + QUANTIZE)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rugpt_assets.materialize", description=__doc__.split("\n")[0])
+    parser.add_argument("--gguf-quantizations", action="store_true", help="also every GGUF quantization partition")
+    args = parser.parse_args(argv)
+    if args.gguf_quantizations and not definitions.quantize_gguf_jobs:
+        parser.error("--gguf-quantizations needs llama-cpp-python: install the project with the `gguf` extra")
+    status = run(TRAIN_AND_EXPORT + QUANTIZE + (QUANTIZE_GGUF if args.gguf_quantizations else []))
     if status == 0:
         print("rugpt-assets: all assets materialized", flush=True)
     return status

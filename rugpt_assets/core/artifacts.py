@@ -63,6 +63,17 @@ class StorageLayout:
     def ggml_quantized(self, quant_name: str) -> Path:
         return self.ggml_dir / f"model-{quant_name.lower()}.bin"
 
+    @property
+    def gguf_dir(self) -> Path:
+        return self.root / "gguf"
+
+    @property
+    def gguf_f16(self) -> Path:
+        return self.gguf_dir / "model-f16.gguf"
+
+    def gguf_quantized(self, gguf_type_name: str) -> Path:
+        return self.gguf_dir / f"model-{gguf_type_name.lower()}.gguf"
+
 
 def _tmp_sibling(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -176,3 +187,16 @@ def require_upstream(step: str, inputs: Mapping[str, Iterable[Path]]) -> None:
             f"{step} reads {names}, which {'is' if len(missing) == 1 else 'are'} not materialized "
             f"(missing: {files}). Materialize {names} first, then {step}."
         )
+
+
+def weights_file_figures(path: Path, f16_path: Path, elements: int) -> dict[str, Any]:
+    """A model file's size, bits per stored weight (file bits over tensor elements: headers,
+    vocabulary and f32 norms included), ratio to its f16 file, and sha256."""
+    size = Path(path).stat().st_size
+    return {
+        "size_bytes": size,
+        "parameters": elements,
+        "bits_per_weight": 8 * size / elements,
+        "ratio_to_f16": size / Path(f16_path).stat().st_size,
+        "sha256": sha256_file(path),
+    }

@@ -328,26 +328,27 @@ def reference_path(ggml_path: Path) -> Path:
     return Path(ggml_path).with_suffix(".reference.npz")
 
 
-def _identity(path: Path) -> dict:
+def file_identity(path: Path) -> dict:
     stat = Path(path).stat()
     return {"file": Path(path).name, "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def read_reference(f16_path: Path, eval_set: EvalSet) -> Reference:
+def read_reference(f16_path: Path, eval_set: EvalSet, f16_asset: str = "ggml_f16") -> Reference:
     """The f16 file's stored reference, only if it was computed from that very file on this
-    evaluation set; otherwise a clear error that says what to re-materialize."""
+    evaluation set; otherwise a clear error that says what to re-materialize (`f16_asset`, the
+    asset that wrote the file: GGML's or GGUF's)."""
     path = reference_path(f16_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: materialize ggml_f16 (it evaluates the f16 file once for every quantization)")
+        raise FileNotFoundError(f"{path} is missing: materialize {f16_asset} (it evaluates the f16 file once for every quantization)")
     reference = Reference.load(path)
     if reference.eval_set_sha256 != eval_set.sha256:
         raise ValueError(
-            f"ggml_f16 was evaluated on another evaluation set (sha256 {reference.eval_set_sha256[:12]}) than this "
+            f"{f16_asset} was evaluated on another evaluation set (sha256 {reference.eval_set_sha256[:12]}) than this "
             f"run's ({eval_set.sha256[:12]}): chat_set's validation chats, the tokenizer, the system prompt or the "
-            "eval settings changed since. Re-materialize ggml_f16, then this partition."
+            f"eval settings changed since. Re-materialize {f16_asset}, then this partition."
         )
-    if any(reference.source.get(k) != v for k, v in _identity(f16_path).items()):
-        raise ValueError(f"{f16_path} changed after ggml_f16 evaluated it: re-materialize ggml_f16, then this partition")
+    if any(reference.source.get(k) != v for k, v in file_identity(f16_path).items()):
+        raise ValueError(f"{f16_path} changed after {f16_asset} evaluated it: re-materialize {f16_asset}, then this partition")
     return reference
 
 
@@ -385,21 +386,29 @@ def evaluate_ggml_file(
             scores.add(logprobs, targets)
     finally:
         torch.set_num_threads(threads)
-    numbers |= {
-        "load_time_s": load_time,
+    numbers |= {"load_time_s": load_time, "eval_time_s": time.perf_counter() - start}
+    return file_numbers(path, numbers, sample, scores, eval_set, export)
+
+
+def file_numbers(
+    path: Path, numbers: dict, sample: Generation, scores: Scores, eval_set: EvalSet, export: ExportConfig
+) -> tuple[dict, Reference | None]:
+    """A scored file's numbers (GGML's or GGUF's, same keys) and, when it was scored without a
+    reference (it is the f16 file), its reference for the quantized files' KL."""
+    numbers = {
+        **numbers,
         "generation_tokens_per_s": sample.tokens_per_s,
         "perplexity": scores.perplexity,
-        "eval_time_s": time.perf_counter() - start,
         "eval_chats": len(eval_set.chats),
         "eval_tokens": scores.tokens,
         "eval_set_sha256": eval_set.sha256,
         "sample_prompt": export.check_prompt,
         "sample_text": sample.text,
     }
-    if reference is not None:
+    if scores.has_reference:
         numbers |= {"kl_to_f16": scores.kl, "f16_tail_mass": scores.reference_tail_mass}
         return numbers, None
-    return numbers, scores.as_reference(eval_set, {**_identity(path), "sha256": numbers["sha256"]})
+    return numbers, scores.as_reference(eval_set, {**file_identity(path), "sha256": numbers["sha256"]})
 
 
 def write_evaluation(ggml_path: Path, numbers: dict, reference: Reference | None = None) -> None:
@@ -420,7 +429,7 @@ def perplexity_delta(numbers: dict, f16_numbers: dict) -> float:
     if ours != f16:
         raise ValueError(
             f"the f16 perplexity was measured on evaluation set {f16[:12]}, this file's on {ours[:12]}: "
-            "re-materialize ggml_f16, then this partition"
+            "re-materialize the f16 asset (ggml_f16 or gguf_f16), then this partition"
         )
     return numbers["perplexity"] / f16_numbers["perplexity"] - 1
 

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from rugpt_assets.core.artifacts import atomic_file, sha256_file
+from rugpt_assets.core.artifacts import atomic_file, weights_file_figures
 
 # Dagster's code_version of the GGML assets: bump when the same model would give other bytes.
 GGML_WRITER_VERSION = "1"
@@ -167,7 +167,8 @@ class GGMLFile:
 
 
 def tensor_plan(model_dir: Path, config: dict) -> list[tuple[str, str, Path]]:
-    """(ggml name, safetensors name, file) in llm-rs's converter order; lm_head from wte when tied."""
+    """(ggml name, safetensors name, file) in llm-rs's converter order; lm_head from wte when tied
+    (then its safetensors name is wte's)."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         weight_map = {k: model_dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
@@ -207,41 +208,69 @@ def tensor_plan(model_dir: Path, config: dict) -> list[tuple[str, str, Path]]:
     return [(n, by_ggml[n], weight_map[by_ggml[n]]) for n in order]
 
 
-def _check_config(model_dir: Path, config: dict) -> None:
+def gpt2_config_problems(config: dict) -> list[str]:
+    """Why ggml (llm-rs and llama.cpp alike) would compute another function than this HF config."""
     problems = []
     if config.get("model_type") != "gpt2":
         problems.append(f"model_type is {config.get('model_type')!r}, expected 'gpt2'")
-    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
-        problems.append("n_inner must be 4 * n_embd (llm-rs's GPT-2 assumes it)")
     if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         problems.append("activation_function must be the tanh GELU (gelu_new) that ggml computes")
     if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
         problems.append("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported by ggml")
+    return problems
+
+
+def _check_config(model_dir: Path, config: dict) -> None:
+    problems = gpt2_config_problems(config)
+    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
+        problems.append("n_inner must be 4 * n_embd (llm-rs's GPT-2 assumes it)")
     if problems:
         raise ValueError(f"{model_dir}/config.json cannot be exported to GGML: " + "; ".join(problems))
 
 
-def tokenizer_vocab_bytes(tokenizer, n_vocab: int) -> list[bytes]:
-    """Each id's raw bytes: byte-level BPE tokens mapped back through GPT-2's byte↔unicode
-    table, added (special) tokens as their literal UTF-8 text. Ids the tokenizer does not use
-    (the model's embedding may be padded past it) get empty entries."""
-    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
-    vocab = [b""] * n_vocab
+@dataclass(frozen=True)
+class VocabEntry:
+    text: str  # byte-level BPE string (GPT-2's printable spelling of bytes), or an added token's text
+    added: bool  # an added token (`<s>`, `</s>`, …), matched literally before BPE
+    special: bool
+
+
+def tokenizer_vocab(tokenizer, n_vocab: int) -> list[VocabEntry | None]:
+    """Each id's entry; None for ids the tokenizer does not use (the model's embedding may be
+    padded past it). Only GPT-2 style byte-level BPE tokenizers can be exported."""
+    added = tokenizer.added_tokens_decoder
+    vocab: list[VocabEntry | None] = [None] * n_vocab
     for token, i in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).items():
         if i >= n_vocab:
             raise ValueError(f"tokenizer id {i} ({token!r}) is past the model's vocab_size {n_vocab}")
         if i in added:
-            vocab[i] = added[i].encode("utf-8")
+            vocab[i] = VocabEntry(added[i].content, added=True, special=added[i].special)
         elif all(ch in BYTE_OF_CHAR for ch in token):
-            vocab[i] = bytes(BYTE_OF_CHAR[ch] for ch in token)
+            vocab[i] = VocabEntry(token, added=False, special=False)
         else:
             raise ValueError(
                 f"token {i} {token!r} is not byte-level BPE; only GPT-2 style byte-level "
-                "tokenizers can be written to a GGML vocabulary"
+                "tokenizers can be exported to GGML or GGUF"
             )
+    return vocab
+
+
+def tokenizer_vocab_bytes(tokenizer, n_vocab: int) -> list[bytes]:
+    """Each id's raw bytes: byte-level BPE tokens mapped back through GPT-2's byte↔unicode
+    table, added (special) tokens as their literal UTF-8 text, unused ids empty."""
+    vocab = [
+        b"" if e is None else e.text.encode("utf-8") if e.added else bytes(BYTE_OF_CHAR[ch] for ch in e.text)
+        for e in tokenizer_vocab(tokenizer, n_vocab)
+    ]
     if b"<|endoftext|>" not in vocab:
         raise ValueError("the tokenizer has no <|endoftext|> token, which llm-rs's GPT-2 requires")
     return vocab
+
+
+def bpe_merges(tokenizer_json: dict) -> list[str]:
+    """A `tokenizer.json`'s merges as "a b" strings, the form llm-rs and GGUF read (current
+    `tokenizers` writes pairs); byte-level tokens never contain a space, so the join is unambiguous."""
+    return [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
 
 
 def tokenizer_sidecar(ggml_path: Path) -> Path:
@@ -255,7 +284,7 @@ def write_llm_rs_tokenizer(tokenizer, out_path: Path) -> None:
     llm-rs's tokenizer for the vocabulary inside a GGML file is not BPE (it picks the
     segmentation with the longest pieces), so text such as " —" or tabs would get other ids
     than in training; given this file it runs the real BPE. Two changes make it usable:
-    - merges as "a b" strings: llm-rs cannot read the pairs current `tokenizers` writes
+    - merges as "a b" strings (`bpe_merges`): llm-rs cannot read the pairs current `tokenizers` writes
       (docs/ARCHITECTURE.md, "GGML files"); byte-level tokens never contain a space, so the join is unambiguous;
     - a `Fuse` decoder instead of ByteLevel: llm-rs decodes each generated token on its own,
       which turns a token holding part of a UTF-8 character into U+FFFD. With `Fuse` it hands
@@ -263,7 +292,7 @@ def write_llm_rs_tokenizer(tokenizer, out_path: Path) -> None:
       Special tokens still come out as empty strings, which is how a reply's end is seen.
     """
     data = json.loads(tokenizer.backend_tokenizer.to_str())
-    data["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    data["model"]["merges"] = bpe_merges(data)
     data["decoder"] = {"type": "Fuse"}
     with atomic_file(out_path) as tmp:
         tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
@@ -282,11 +311,34 @@ def _check_quantizable(model_dir: Path, ggml_name: str, shape: tuple[int, ...]) 
         )
 
 
+def _stored_dtype(ggml_name: str, ndim: int) -> torch.dtype:
+    """llm-rs's converter (and llama.cpp's): 2-D weights in f16; the position table, biases and
+    norms in f32."""
+    return torch.float16 if ndim == 2 and ggml_name != "model/wpe" else torch.float32
+
+
+def stored_shape_and_dtype(ggml_name: str, st_name: str, st_file: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """What `load_tensor` will return, from the safetensors header alone (no data read)."""
+    with safe_open(st_file, framework="pt") as st:
+        shape = tuple(st.get_slice(st_name).get_shape())
+    if ggml_name.endswith("/w"):
+        shape = shape[::-1]
+    return shape, np.dtype(np.float16 if _stored_dtype(ggml_name, len(shape)) == torch.float16 else np.float32)
+
+
+def load_tensor(ggml_name: str, st_name: str, st_file: Path) -> np.ndarray:
+    """One tensor of a `tensor_plan`, as it is stored in a GGML or GGUF file."""
+    # Opened per tensor: a safetensors memory map keeps every page it touched resident until
+    # closed, which would grow RSS to the whole shard.
+    with safe_open(st_file, framework="pt") as st:
+        return _ggml_array(ggml_name, st.get_tensor(st_name))
+
+
 def _ggml_array(ggml_name: str, tensor: torch.Tensor) -> np.ndarray:
-    """llm-rs's converter: Conv1D weights transposed to (out, in); 2-D weights in f16, the rest f32."""
+    """llm-rs's converter: Conv1D weights transposed to (out, in), dtypes as `_stored_dtype`."""
     if ggml_name.endswith("/w"):
         tensor = tensor.T
-    dtype = torch.float16 if tensor.ndim == 2 and ggml_name != "model/wpe" else torch.float32
+    dtype = _stored_dtype(ggml_name, tensor.ndim)
     out = tensor.to(dtype).contiguous()
     # In row blocks: a whole-tensor isfinite would allocate float32 and bool copies of it.
     if not all(torch.isfinite(rows).all() for rows in out.split(4096)):
@@ -332,10 +384,7 @@ def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
                 f.write(struct.pack("<I", len(token)))
                 f.write(token)
             for ggml_name, st_name, st_file in plan:
-                # Opened per tensor: a safetensors memory map keeps every page it touched
-                # resident until closed, which would grow RSS to the whole shard.
-                with safe_open(st_file, framework="pt") as st:
-                    data = _ggml_array(ggml_name, st.get_tensor(st_name))
+                data = load_tensor(ggml_name, st_name, st_file)
                 if data.dtype == np.float16:
                     _check_quantizable(model_dir, ggml_name, data.shape)
                 ggml_type = GGMLQuantizationType.F16 if data.dtype == np.float16 else GGMLQuantizationType.F32
@@ -431,16 +480,9 @@ def llm_rs_load_problems(ggml: GGMLFile) -> list[str]:
 
 
 def file_figures(path: Path, f16_path: Path) -> dict:
-    """Size, bits per stored weight (file bits over tensor elements), ratio to the f16 file, sha256."""
+    """`artifacts.weights_file_figures` of a GGML file."""
     elements = sum(int(np.prod(t.ne, dtype=np.int64)) for t in read_ggml(path).tensors.values())
-    size = Path(path).stat().st_size
-    return {
-        "size_bytes": size,
-        "parameters": elements,
-        "bits_per_weight": 8 * size / elements,
-        "ratio_to_f16": size / Path(f16_path).stat().st_size,
-        "sha256": sha256_file(path),
-    }
+    return weights_file_figures(path, f16_path, elements)
 
 
 def iter_hf_state_dict(ggml: GGMLFile) -> Iterator[tuple[str, torch.Tensor]]:

@@ -32,6 +32,12 @@ SAFETY_FACTOR = 3.0
 NOISE_SLACK = 0.02
 
 
+def max_ppl_increase(published_ppl_increase: float) -> float:
+    """An asset check's bound on perplexity / f16 perplexity - 1 for a type with this published
+    cost (see SAFETY_FACTOR); GGML and GGUF types alike."""
+    return SAFETY_FACTOR * published_ppl_increase + NOISE_SLACK
+
+
 class QuantType(enum.Enum):
     """name = (ftype in the file header: 1000 * quantization version 2 + ggml ftype,
     published perplexity increase vs f16 as a fraction)."""
@@ -63,8 +69,7 @@ class QuantType(enum.Enum):
 
     @property
     def max_ppl_increase(self) -> float:
-        """The asset check's bound on perplexity / f16 perplexity - 1 (see SAFETY_FACTOR)."""
-        return SAFETY_FACTOR * self.published_ppl_increase + NOISE_SLACK
+        return max_ppl_increase(self.published_ppl_increase)
 
 
 @dataclass(frozen=True)

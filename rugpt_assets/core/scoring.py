@@ -161,6 +161,10 @@ class Scores:
         self._tail_mass += p_tail.exp().sum().item()
 
     @property
+    def has_reference(self) -> bool:
+        return self._reference is not None
+
+    @property
     def perplexity(self) -> float:
         return float(np.exp(self._nll / self.tokens))
 

@@ -1,4 +1,5 @@
-"""The export half: `ggml_f16` and one `ggml_quantized` partition per `QuantType`."""
+"""The export half: `ggml_f16` and one `ggml_quantized` partition per `QuantType`, and what
+every exported file's asset shares (the evaluation set, the table of all files)."""
 
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from rugpt_assets.core import evaluate, ggml
 from rugpt_assets.core.artifacts import read_jsonl, require_upstream
 from rugpt_assets.core.configs import ExportConfig
 from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
+from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.quantize import QuantType, quantize_ggml
 from rugpt_assets.core.scoring import EvalSet, build_eval_set
 from rugpt_assets.defs.automation import retrain_condition
@@ -23,24 +25,40 @@ ExportRunConfig = settings.launchpad_config("ExportRunConfig", PROFILE.export)
 quant_partitions = dg.StaticPartitionsDefinition([q.name for q in QuantType])
 
 
-def _eval_set(storage: StorageResource, export: ExportConfig) -> EvalSet:
+def system_prompt(storage: StorageResource) -> str:
+    """The system prompt the adapter was trained with (the profile's if it recorded none)."""
+    return evaluate.trained_system_prompt(storage.layout.lora_adapter, PROFILE.train.system_prompt)
+
+
+def eval_set_of(storage: StorageResource, export: ExportConfig) -> EvalSet:
     """The validation chats as the adapter was trained on them (its own system prompt)."""
     layout = storage.layout
     tokenizer = AutoTokenizer.from_pretrained(layout.merged_model, trust_remote_code=False)
-    system_prompt = evaluate.trained_system_prompt(layout.lora_adapter, PROFILE.train.system_prompt)
     val_chats = read_jsonl(layout.chat_set / "val.jsonl")
-    return build_eval_set(val_chats, tokenizer, export.eval_max_tokens, system_prompt, export.eval_chats)
+    return build_eval_set(val_chats, tokenizer, export.eval_max_tokens, system_prompt(storage), export.eval_chats)
 
 
-def _quant_table(storage: StorageResource) -> dg.MetadataValue:
-    """Size, speed and perplexity of every file materialized so far, f16 first."""
+def exported_files(storage: StorageResource) -> list[tuple[str, str, Path]]:
+    """(format, type, path) of every file the export assets can write, each format's f16 first."""
     layout = storage.layout
+    return (
+        [("GGML", "F16", layout.ggml_f16)]
+        + [("GGML", q.name, layout.ggml_quantized(q.name)) for q in QuantType]
+        + [("GGUF", "F16", layout.gguf_f16)]
+        + [("GGUF", t.name, layout.gguf_quantized(t.name)) for t in GGUFType]
+    )
+
+
+def quant_table(storage: StorageResource) -> dg.MetadataValue:
+    """Size, speed, perplexity and KL to its format's f16 of every GGML and GGUF file
+    materialized so far. Tokens/s are measured with the same thread count (ExportConfig.threads)."""
     rows = []
-    for name, path in [("F16", layout.ggml_f16)] + [(q.name, layout.ggml_quantized(q.name)) for q in QuantType]:
+    for container, name, path in exported_files(storage):
         if path.exists() and evaluate.evaluation_path(path).exists():
             numbers = read_evaluation(path)
             rows.append(
                 {
+                    "format": container,
                     "type": name,
                     "size_mb": round(numbers["size_bytes"] / 2**20, 2),
                     "bits_per_weight": round(numbers["bits_per_weight"], 2),
@@ -50,11 +68,11 @@ def _quant_table(storage: StorageResource) -> dg.MetadataValue:
                     "eval_set": numbers.get("eval_set_sha256", "")[:12],
                 }
             )
-    columns = ["type", "size_mb", "bits_per_weight", "tokens_per_s", "perplexity", "kl_to_f16", "eval_set"]
+    columns = ["format", "type", "size_mb", "bits_per_weight", "tokens_per_s", "perplexity", "kl_to_f16", "eval_set"]
     return metadata_table(rows, columns)
 
 
-def _file_metadata(path: Path, numbers: dict) -> dict:
+def file_metadata(path: Path, numbers: dict) -> dict:
     return {
         "size_bytes": numbers["size_bytes"],
         "bits_per_weight": numbers["bits_per_weight"],
@@ -87,8 +105,8 @@ def _file_metadata(path: Path, numbers: dict) -> dict:
         "layer by layer on `chat_set`'s validation chats (perplexity; the f16 distributions every "
         "quantization's KL is measured against, in `model-f16.reference.npz`). "
         "File: `<storage>/ggml/model-f16.bin`. Metadata `quantizations` compares size, speed, "
-        "perplexity and KL to f16 of every GGML file; each quantization run records the updated "
-        "table as an observation of this asset (newest first under Events)."
+        "perplexity and KL to f16 of every GGML and GGUF file; each quantization run records the "
+        "updated table as an observation of this asset (newest first under Events)."
     ),
 )
 def ggml_f16(
@@ -100,13 +118,13 @@ def ggml_f16(
         "ggml_f16", {"merged_model": [layout.merged_model / "config.json"], "chat_set": [layout.chat_set / "val.jsonl"]}
     )
     path = layout.ggml_f16
-    eval_set = _eval_set(storage, export)
+    eval_set = eval_set_of(storage, export)
     ggml.write_ggml_f16(layout.merged_model, path)
     numbers, reference = evaluate.evaluate_ggml_file(path, eval_set, export, progress=context.log.info)
     evaluate.write_evaluation(path, numbers, reference)
     context.log.info(f"f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
     return dg.MaterializeResult(
-        metadata={**_file_metadata(path, numbers), "quantizations": _quant_table(storage)}
+        metadata={**file_metadata(path, numbers), "quantizations": quant_table(storage)}
     )
 
 
@@ -134,7 +152,7 @@ def ggml_quantized(
     quant = QuantType[context.partition_key]
     layout = storage.layout
     path = layout.ggml_quantized(quant.name)
-    eval_set = _eval_set(storage, export)
+    eval_set = eval_set_of(storage, export)
     evaluate.read_reference(layout.ggml_f16, eval_set)  # stale or missing: fail before quantizing
     report = quantize_ggml(layout.ggml_f16, quant, path)
     numbers, _ = evaluate.evaluate_ggml_file(path, eval_set, export, layout.ggml_f16, progress=context.log.info)
@@ -143,16 +161,16 @@ def ggml_quantized(
     delta = perplexity_delta(numbers, f16)
     context.log.info(f"{quant.name}: {report.size_bytes / 2**20:.1f} MiB, perplexity {delta:+.2%} vs f16")
     # The f16 asset's table gains this row: record it there as an observation.
-    context.log_event(dg.AssetObservation(asset_key=ggml_f16.key, metadata={"quantizations": _quant_table(storage)}))
+    context.log_event(dg.AssetObservation(asset_key=ggml_f16.key, metadata={"quantizations": quant_table(storage)}))
     return dg.MaterializeResult(
         metadata={
-            **_file_metadata(path, numbers),
+            **file_metadata(path, numbers),
             "ratio_to_f16": report.ratio_to_f16,
             "kl_to_f16": numbers["kl_to_f16"],
             "f16_tail_mass": numbers["f16_tail_mass"],
             "quantize_time_s": report.wall_time_s,
             "perplexity_f16": f16["perplexity"],
             "perplexity_delta": delta,
-            "quantizations": _quant_table(storage),
+            "quantizations": quant_table(storage),
         }
     )

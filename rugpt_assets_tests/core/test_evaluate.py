@@ -279,14 +279,14 @@ print(int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).gr
 
 
 def test_peak_memory_does_not_grow_with_depth(export, tmp_path):
-    """Peak RSS growth of the streamed pass (fresh process): a 16-layer model peaks within one
-    layer of a 2-layer model of the same width, while its float32 weights are 14 layers more."""
+    """Peak RSS growth of the streamed pass (fresh process): a 12-layer model peaks within one
+    layer of a 2-layer model of the same width, while its float32 weights are 10 layers more."""
     growth = {}
-    for layers in (2, 16):
+    for layers in (2, 12):
         random_gpt2(tmp_path / f"h{layers}", export.model_dir, n_embd=512, n_layer=layers, vocab_size=512)
         ggml.write_ggml_f16(tmp_path / f"h{layers}", tmp_path / f"h{layers}.bin")
         out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / f"h{layers}.bin")],
                              capture_output=True, text=True, check=True)  # fmt: skip
         growth[layers] = int(out.stdout.split()[-1])
     layer_f32 = 12 * 512 * 512 * 4
-    assert growth[16] < growth[2] + layer_f32, {k: v >> 20 for k, v in growth.items()}
+    assert growth[12] < growth[2] + layer_f32, {k: v >> 20 for k, v in growth.items()}

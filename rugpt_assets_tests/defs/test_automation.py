@@ -13,6 +13,8 @@ import pytest
 
 from rugpt_assets import definitions, gpu_definitions, settings
 from rugpt_assets.core import sources
+from rugpt_assets.core.gguf import GGUFType
+from rugpt_assets.core.gguf_eval import llama_available
 from rugpt_assets.core.quantize import QuantType
 
 CPU, GPU = definitions.defs, gpu_definitions.defs
@@ -29,7 +31,14 @@ BLOCKING_CHECKS = {  # what a run of each asset evaluates with it
         dg.AssetCheckKey(dg.AssetKey("ggml_f16"), "ggml_f16_generates"),
         dg.AssetCheckKey(dg.AssetKey("ggml_f16"), "ggml_f16_matches_merged_model"),
     ],
+    "gguf_f16": [
+        dg.AssetCheckKey(dg.AssetKey("gguf_f16"), "gguf_f16_loads_and_tokenizes"),
+        dg.AssetCheckKey(dg.AssetKey("gguf_f16"), "gguf_f16_matches_merged_model"),
+    ],
 }
+# The GGUF assets are in the code location when llama-cpp-python is installed (CI).
+GGUF = llama_available()
+EXPORT = {"merged_model", "ggml_f16", *(["gguf_f16"] if GGUF else [])}
 
 
 @pytest.fixture
@@ -83,8 +92,10 @@ def record(instance, *names: str, checks_pass: bool = True) -> None:
             )
 
 
-QUANTIZED = {f"ggml_quantized[{q.name}]" for q in QuantType}
-EVERYTHING = {k.to_user_string() for k in ALL_KEYS} - {"ggml_quantized"} | QUANTIZED
+QUANTIZED = {f"ggml_quantized[{q.name}]" for q in QuantType} | (
+    {f"gguf_quantized[{t.name}]" for t in GGUFType} if GGUF else set()
+)
+EVERYTHING = {k.to_user_string() for k in ALL_KEYS} - {"ggml_quantized", "gguf_quantized"} | QUANTIZED
 
 
 def settled(instance) -> Sensors:
@@ -116,7 +127,7 @@ def test_edited_source_requests_the_chain_one_location_at_a_time_then_nothing(in
     chain = [
         {"cpu": {f"raw_{EDITED.name}", "chat_set"}, "gpu": set()},
         {"cpu": set(), "gpu": {"lora_adapter"}},
-        {"cpu": {"merged_model", "ggml_f16"}, "gpu": set()},
+        {"cpu": EXPORT, "gpu": set()},
         {"cpu": QUANTIZED, "gpu": set()},
     ]
     for expected in chain:
@@ -137,12 +148,12 @@ def test_failed_eval_loss_check_stops_the_export_in_the_other_location(instance,
     assert sensors.tick() == {"cpu": set(), "gpu": set()}
     # A later training that passes its check is exported.
     record(instance, "lora_adapter")
-    assert sensors.tick() == {"cpu": {"merged_model", "ggml_f16"}, "gpu": set()}
+    assert sensors.tick() == {"cpu": EXPORT, "gpu": set()}
 
 
 def test_failed_f16_check_stops_the_quantizations(instance, mirror):
     sensors = settled(instance)
-    record(instance, "merged_model", "ggml_f16", checks_pass=False)
+    record(instance, *EXPORT, checks_pass=False)
     assert sensors.tick() == {"cpu": set(), "gpu": set()}
 
 

@@ -57,7 +57,12 @@ def test_one_pinned_evaluation_set_and_a_stale_f16_refused(instance, layout):
     default = build_eval_set(val, tokenizer, export.eval_max_tokens, DEFAULT_SYSTEM_PROMPT, export.eval_chats)
     assert expected.sha256 != default.sha256
 
-    assert materialize(instance, "ggml_f16").success
+    run = materialize(instance, "ggml_f16")
+    assert run.success
+    # the blocking checks ran on the adapter's prompt too: llm-rs greedy equals the merged model
+    assert {e.check_name: e.passed for e in run.get_asset_check_evaluations()} == {
+        "ggml_f16_generates": True, "ggml_f16_matches_merged_model": True
+    }
     f16 = latest(instance, "ggml_f16")
     assert f16["eval_set_sha256"] == expected.sha256  # the adapter's system prompt, not the constant
     assert f16["eval_tokens"] == expected.target_tokens
