@@ -48,6 +48,8 @@ PREPARE_JOB, TRAIN_JOB, EXPORT_JOB = "prepare", "train", "export"
 TRAIN_OVERRIDES = {"max_steps": 16, "save_steps": 4, "eval_steps": 8}
 TRAIN_CONFIG = replace(settings.active_profile().train, **TRAIN_OVERRIDES)
 RUN_CONFIG = {"ops": {TRAINED_ASSET: {"config": TRAIN_OVERRIDES}}}
+# `dagster dev` loads both code locations; on a busy 2-core box that took over 2 minutes.
+STARTUP_S = 300
 
 REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } jobs { name } } } } }"
 
@@ -224,7 +226,7 @@ def killed(home, instance, layout, run_dir, tmp_path_factory) -> Killed:
     the dead run."""
     shutil.rmtree(run_dir, ignore_errors=True)  # the training starts at step 0
     published = adapter_bytes(layout)
-    with dagster_dev(home, home_env(home)) as first:
+    with dagster_dev(home, home_env(home), timeout_s=STARTUP_S) as first:
         stop_automation(first)  # stays stopped: the state is in the instance
         run_id = launch(first, asset_job_selector(first, TRAINED_ASSET))
         worker_pid, step = crash_mid_training(first, instance, run_id, run_dir)
@@ -238,7 +240,7 @@ def killed(home, instance, layout, run_dir, tmp_path_factory) -> Killed:
 @pytest.fixture(scope="module")
 def server(home, killed) -> DagsterDev:
     """`dagster dev` started again after the crash."""
-    with dagster_dev(home, home_env(home)) as server:
+    with dagster_dev(home, home_env(home), timeout_s=STARTUP_S) as server:
         yield server
 
 
