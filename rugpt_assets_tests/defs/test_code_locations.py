@@ -52,10 +52,11 @@ def test_lineage_crosses_the_locations_by_key():
 
 
 def test_jobs_cover_every_asset_once_in_dependency_order():
-    """prepare → train → export → quantize: each materializable asset in exactly one job."""
+    """prepare → train → export → quantize (and quantize_gguf): each materializable asset in exactly one job."""
     jobs = [
         (definitions.defs, "prepare"), (gpu_definitions.defs, "train"),
         (definitions.defs, "export"), (definitions.defs, "quantize"),
+        *[(definitions.defs, job.name) for job in definitions.quantize_gguf_jobs],
     ]
     covered = []
     for defs, name in jobs:

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from rugpt_assets import settings
+from rugpt_assets import definitions, settings
 from rugpt_assets.core import sources
+from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.artifacts import read_jsonl
 from rugpt_assets.core.quantize import QuantType
 from rugpt_assets_tests.e2e.conftest import home_env
@@ -46,12 +47,16 @@ query ($runId: ID!) {
   }
 }"""
 
+# The GGUF half of the export is in the code location when llama-cpp-python is installed.
+WITH_GGUF = definitions.gguf_quantized is not None
+# Every partition the retrain ends with, by partitioned asset.
+QUANTIZED = {"ggml_quantized": {q.name for q in QuantType}, **({"gguf_quantized": {t.name for t in GGUFType}} if WITH_GGUF else {})}
 # What one appended row leads to, run by run: (assets, partition, launcher, location).
 RETRAIN = [
     ({f"raw_{EDITED.name}", "chat_set"}, None, "cpu", "rugpt_assets"),
     ({"lora_adapter"}, None, "gpu", "rugpt_assets_gpu"),
-    ({"merged_model", "ggml_f16"}, None, "cpu", "rugpt_assets"),
-    *[({"ggml_quantized"}, q.name, "cpu", "rugpt_assets") for q in QuantType],
+    ({"merged_model", "ggml_f16", *(["gguf_f16"] if WITH_GGUF else [])}, None, "cpu", "rugpt_assets"),
+    *[({asset}, partition, "cpu", "rugpt_assets") for asset, partitions in QUANTIZED.items() for partition in partitions],
 ]
 
 SENSOR_TICKS = """
@@ -145,10 +150,12 @@ def test_edited_source_retrains_and_exports_by_itself(fresh_home, tmp_path):
             f.write(json.dumps(NEW_CHAT, ensure_ascii=False) + "\n")
 
         def all_quantized_again():
-            partitions = {m["partition"] for m in materialized_after(server, "ggml_quantized", edited_at)}
-            return partitions == {q.name for q in QuantType}
+            return all(
+                {m["partition"] for m in materialized_after(server, asset, edited_at)} == partitions
+                for asset, partitions in QUANTIZED.items()
+            )
 
-        server.wait_until(all_quantized_again, "every ggml_quantized partition to be materialized", timeout_s=1500)
+        server.wait_until(all_quantized_again, f"every partition of {sorted(QUANTIZED)} to be materialized", timeout_s=1500)
         assert data_version(asset_events(server, *source_key)["assetObservations"][0]) != data_version(observation)
 
         retrain = automatic_runs(server, edited_at)

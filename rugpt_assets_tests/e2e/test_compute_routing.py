@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.quantize import QuantType
 from rugpt_assets_tests.e2e.conftest import home_env
 from rugpt_assets_tests.e2e.dagster_dev import PROJECT_ROOT, DagsterDev, dagster_dev
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.e2e
 
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 GPU_LOCATION, CPU_LOCATION = "rugpt_assets_gpu", "rugpt_assets"
+PARTITIONS = {"ggml_quantized": {q.name for q in QuantType}, "gguf_quantized": {t.name for t in GGUFType}}
 
 # What the UI loads before it decides how to launch (LaunchAssetExecutionButton).
 ASSET_NODES = """{ assetNodes { assetKey { path } isObservable isExecutable repository { location { name } } } }"""
@@ -77,7 +79,7 @@ def test_materialize_all_runs_each_location_on_its_own_launcher(fresh_home):
 
         for node in selected:
             asset = "/".join(node["assetKey"]["path"])
-            expected = {q.name for q in QuantType} if asset == "ggml_quantized" else {None}
+            expected = PARTITIONS.get(asset, {None})
             assert materialized_since(server, asset, started) == expected, asset
 
     backfill = [r for r in recorded if r.tags.get("dagster/backfill") == backfill_id]
