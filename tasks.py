@@ -4,8 +4,11 @@
     python3 tasks.py demo    # set up .venv, materialize the whole graph, serve the UI on 127.0.0.1:3000
     python3 tasks.py test    # set up .venv, run the test suite
 
+    python3 tasks.py demo --gguf-quantizations   # also every GGUF quantization (needs the gguf extra)
+
 Environment: RUGPT_PROFILE (demo | rugpt35), RUGPT_HOST / RUGPT_PORT for the UI, RUGPT_TORCH
-(the torch requirement installed first; default torch==2.13.0), RUGPT_EXTRAS (extra pip extras).
+(the torch requirement installed first; default torch==2.13.0), RUGPT_EXTRAS (extra pip extras;
+`gguf` adds llama.cpp, which `test` always installs).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ def run(*args: str | Path, env: dict | None = None) -> None:
     subprocess.run([str(a) for a in args], cwd=ROOT, env=env, check=True)
 
 
-def ensure_env() -> None:
+def ensure_env(required_extras: tuple[str, ...] = ()) -> None:
     """Create `.venv` and install the project into it, again only when pyproject.toml changed."""
     torch_req = os.environ.get("RUGPT_TORCH", "torch==2.13.0")
-    extras = ",".join(["test", *filter(None, os.environ.get("RUGPT_EXTRAS", "").split(","))])
+    wanted_extras = ["test", *required_extras, *filter(None, os.environ.get("RUGPT_EXTRAS", "").split(","))]
+    extras = ",".join(dict.fromkeys(wanted_extras))
     stamp = VENV / ".rugpt-installed"
     wanted = hashlib.sha256(
         (ROOT / "pyproject.toml").read_bytes() + torch_req.encode() + extras.encode()
@@ -49,7 +53,10 @@ def ensure_env() -> None:
     run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
     # torch first, pinned: a loose range would pull a multi-GB build that the CPU demo doesn't need.
     run(PYTHON, "-m", "pip", "install", "--quiet", torch_req)
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", f".[{extras}]")
+    if "gguf" in extras.split(","):
+        log("the gguf extra compiles llama.cpp from source (llama-cpp-python): about 11 minutes on 2 cores")
+    # --no-binary: llama-cpp-python is always built here, never fetched as a prebuilt library.
+    run(PYTHON, "-m", "pip", "install", "--quiet", "--no-binary", "llama-cpp-python", "-e", f".[{extras}]")
     stamp.write_text(wanted)
 
 
@@ -63,11 +70,12 @@ def demo() -> int:
     env.setdefault("DAGSTER_HOME", str(ROOT))
     (ROOT / "storage").mkdir(exist_ok=True)
     log(f"profile {env.get('RUGPT_PROFILE', 'demo')}: materializing every asset (DAGSTER_HOME={env['DAGSTER_HOME']})")
-    run(PYTHON, "-m", "rugpt_assets.materialize", env=env)
+    run(PYTHON, "-m", "rugpt_assets.materialize", *sys.argv[2:], env=env)
     host, port = env.get("RUGPT_HOST", "127.0.0.1"), env.get("RUGPT_PORT", "3000")
     log(f"serving the Dagster UI (and the daemon) at http://{host}:{port} — Ctrl+C stops it")
     server = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-h", host, "-p", port, "-m", "rugpt_assets.definitions"],
+        # Both code locations, CPU and GPU (workspace.yaml).
+        [str(BIN / "dagster"), "dev", "-h", host, "-p", port, "-w", str(ROOT / "workspace.yaml")],
         cwd=ROOT,
         env=env,
         # A shell may start background jobs with SIGINT ignored; the server must still stop on it.
@@ -90,7 +98,7 @@ def restore_default_signals() -> None:
 
 
 def test() -> int:
-    ensure_env()
+    ensure_env(required_extras=("gguf",))
     return subprocess.call([str(PYTHON), "-m", "pytest", *sys.argv[2:]], cwd=ROOT, env=venv_env())
 
 

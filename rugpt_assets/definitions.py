@@ -1,28 +1,53 @@
-"""The one `Definitions` of the code location: assets by group, checks, resources, automation."""
+"""The CPU code location: sources, chat_set, base_model, merge and export, with their checks,
+jobs and automation. The GPU asset (`lora_adapter`) is the other location,
+`rugpt_assets.gpu_definitions`; workspace.yaml loads both (docs/ARCHITECTURE.md says why)."""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from rugpt_assets import settings
+from rugpt_assets.core.gguf_eval import llama_available
 from rugpt_assets.defs import checks, data, export, model
-from rugpt_assets.defs.automation import automation_sensor, observe_cron
-from rugpt_assets.defs.resources import SourcesResource, StorageResource, TrainerResource
+from rugpt_assets.defs.automation import cpu_automation_sensor, observe_cron
+from rugpt_assets.defs.resources import resources_for
 from rugpt_assets.defs.sources import health_checks, observed_sources, raw_snapshots
 
 PROFILE = settings.active_profile()
 
-everything_but_quantized = dg.AssetSelection.all() - dg.AssetSelection.assets(export.ggml_quantized)
+# The GGUF assets need llama-cpp-python (the `gguf` extra, compiled on install); without it the
+# code location is the GGML export alone.
+if llama_available():
+    from rugpt_assets.defs.gguf import gguf_assets, gguf_checks, gguf_quantized
+else:
+    gguf_assets, gguf_checks, gguf_quantized = [], [], None
+gguf_f16_assets = [a for a in gguf_assets if a is not gguf_quantized]
 
-train_and_export_job = dg.define_asset_job(
-    "train_and_export",
-    selection=everything_but_quantized,
-    description="Sources → chat_set → lora_adapter → merged_model → ggml_f16, in one run.",
+prepare_job = dg.define_asset_job(
+    "prepare",
+    selection=dg.AssetSelection.assets(*raw_snapshots, data.chat_set, model.base_model),
+    description="Source snapshots → chat_set, and base_model: everything training reads, in one run.",
+)
+export_job = dg.define_asset_job(
+    "export",
+    selection=dg.AssetSelection.assets(model.merged_model, export.ggml_f16, *gguf_f16_assets),
+    description="The latest lora_adapter merged into base_model → ggml_f16 (and gguf_f16), with their checks, in one run.",
 )
 quantize_job = dg.define_asset_job(
     "quantize",
     selection=dg.AssetSelection.assets(export.ggml_quantized),
     description="One GGML quantization type per run (pick the partition).",
+)
+quantize_gguf_jobs = (
+    [
+        dg.define_asset_job(
+            "quantize_gguf",
+            selection=dg.AssetSelection.assets(gguf_quantized),
+            description="One GGUF quantization type per run (pick the partition).",
+        )
+    ]
+    if gguf_quantized
+    else []
 )
 observe_sources_job = dg.define_asset_job(
     "observe_sources",
@@ -36,30 +61,21 @@ observe_sources_schedule = dg.ScheduleDefinition(
     description="Observe the seven source datasets (cron from RUGPT_OBSERVE_CRON, hourly by default).",
 )
 
-
-def resources_for(profile: settings.Profile) -> dict:
-    return {
-        "storage": StorageResource(),
-        "sources_resource": SourcesResource(mode=profile.source_mode),
-        "trainer": TrainerResource(),
-    }
-
-
 defs = dg.Definitions(
     assets=[
         *observed_sources,
         *raw_snapshots,
         data.chat_set,
         model.base_model,
-        model.lora_adapter,
         model.merged_model,
         export.ggml_f16,
         export.ggml_quantized,
+        *gguf_assets,
     ],
-    asset_checks=[*health_checks, model.eval_loss_below_base, *checks.export_checks],
-    jobs=[train_and_export_job, quantize_job, observe_sources_job],
+    asset_checks=[*health_checks, *checks.export_checks, *gguf_checks],
+    jobs=[prepare_job, export_job, quantize_job, *quantize_gguf_jobs, observe_sources_job],
     schedules=[observe_sources_schedule],
-    sensors=[automation_sensor],
+    sensors=[cpu_automation_sensor],
     resources=resources_for(PROFILE),
     # One process per run, not per step: each step process imports torch and the whole code
     # location (tens of seconds on a small box), while the steps themselves are sequential

@@ -40,6 +40,8 @@ class Profile:
     # None means the deterministic tiny demo GPT-2 built locally.
     base_model_repo: str | None
     base_model_revision: str
+    # A snapshot already on disk (hub layout), used instead of downloading `base_model_repo`.
+    base_model_dir: Path | None = None
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
@@ -67,7 +69,9 @@ def demo_profile() -> Profile:
             per_device_batch_size=4,
             gradient_accumulation_steps=2,
             num_epochs=3.0,
-            max_steps=60,
+            # RUGPT_DEMO_TRAIN_STEPS shortens it where a run is started by automation or a
+            # backfill, which carry no run config (the end-to-end tests).
+            max_steps=int(os.environ.get("RUGPT_DEMO_TRAIN_STEPS", "60")),
             eval_steps=15,
             save_steps=15,
             precision="fp32",
@@ -92,12 +96,17 @@ def rugpt35_profile() -> Profile:
         sources_dir=_sources_dir(),
         base_model_repo=os.environ.get("RUGPT_BASE_MODEL_REPO", RUGPT35_REPO),
         base_model_revision=os.environ.get("RUGPT_BASE_MODEL_REVISION", "main"),
+        base_model_dir=Path(os.environ["RUGPT_BASE_MODEL_DIR"]).resolve() if os.environ.get("RUGPT_BASE_MODEL_DIR") else None,
         # The fast path measured on one H200 (docs/PERFORMANCE.md): bf16 base, packed rows with
         # per-chat varlen attention, compiled blocks, no checkpointing; 4 × 64 rows keeps the
         # seed's 256 chats per optimizer step. On a 24 GB card set load_in_4bit,
         # gradient_checkpointing on and compile_blocks off in the launchpad (11.7–21 GB measured;
         # 8-bit needs more than 24 GB with today's bitsandbytes, see docs/PERFORMANCE.md).
-        train=replace(
+        # RUGPT_SEED_RECIPE=1 trains exactly as the seed did instead (8-bit base, batch 2 × 128,
+        # chats padded to the longest, no packing, gradient checkpointing).
+        train=replace(TrainConfig(), device="cuda", packing=False)
+        if os.environ.get("RUGPT_SEED_RECIPE") == "1"
+        else replace(
             TrainConfig(),
             device="cuda",
             load_in_8bit=False,
@@ -131,15 +140,16 @@ def storage_root() -> Path:
 
 
 def launchpad_config(name: str, defaults: Any) -> type[dg.Config]:
-    """A `dg.Config` class with one field per dataclass field, defaulting to `defaults`' values."""
+    """A `dg.Config` class with one field per dataclass field, defaulting to `defaults`' values
+    and described by the field's help, so the launchpad says what each setting does."""
     hints = typing.get_type_hints(type(defaults))
     model_fields: dict[str, Any] = {}
     for f in fields(defaults):
         value = getattr(defaults, f.name)
-        model_fields[f.name] = (hints[f.name], pydantic.Field(default=value))
+        model_fields[f.name] = (hints[f.name], pydantic.Field(default=value, description=f.metadata.get("help")))
     return pydantic.create_model(name, __base__=dg.Config, **model_fields)
 
 
 def config_to_dataclass(config: dg.Config, cls: type) -> Any:
-    """Back from the launchpad config to the core's dataclass."""
+    """Back from the launchpad config to the core's dataclass (whose checks then run)."""
     return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})

@@ -37,7 +37,7 @@ import resource
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,17 @@ class StorageLayout:
 
     def ggml_quantized(self, quant_name: str) -> Path:
         return self.ggml_dir / f"model-{quant_name.lower()}.bin"
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.root / "gguf"
+
+    @property
+    def gguf_f16(self) -> Path:
+        return self.gguf_dir / "model-f16.gguf"
+
+    def gguf_quantized(self, gguf_type_name: str) -> Path:
+        return self.gguf_dir / f"model-{gguf_type_name.lower()}.gguf"
 
 
 # --- publication -----------------------------------------------------------------------------
@@ -414,12 +425,57 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_sha256s(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, keyed by relative POSIX path, in sorted order
+    (a published set is resolved once, so every file comes from the same version)."""
+    root = published(root)
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return {name: sha256_file(root / name) for name in names}
+
+
+def sha256_of_files(file_hashes: Mapping[str, str]) -> str:
+    """One content hash from per-file hashes: relative paths and file hashes, in sorted order."""
+    h = hashlib.sha256()
+    for name in sorted(file_hashes):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(file_hashes[name].encode())
+    return h.hexdigest()
+
+
 def sha256_tree(root: Path) -> str:
     """Content hash of a directory: relative paths and file bytes, in sorted order."""
-    root = published(root)
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(b"\0")
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
+    return sha256_of_files(file_sha256s(root))
+
+
+class MissingUpstreamError(FileNotFoundError):
+    """A step's input was never materialized (or was removed since)."""
+
+
+def require_upstream(step: str, inputs: Mapping[str, Iterable[Path]]) -> None:
+    """Fail before any work when an input artifact is missing, naming what to materialize first.
+
+    ``inputs`` maps each upstream artifact's name to the files ``step`` reads from it.
+    """
+    missing = {name: [str(p) for p in paths if not Path(p).exists()] for name, paths in inputs.items()}
+    missing = {name: paths for name, paths in missing.items() if paths}
+    if missing:
+        names = " and ".join(missing)
+        files = "; ".join(", ".join(paths) for paths in missing.values())
+        raise MissingUpstreamError(
+            f"{step} reads {names}, which {'is' if len(missing) == 1 else 'are'} not materialized "
+            f"(missing: {files}). Materialize {names} first, then {step}."
+        )
+
+
+def weights_file_figures(path: Path, f16_path: Path, elements: int) -> dict[str, Any]:
+    """A model file's size, bits per stored weight (file bits over tensor elements: headers,
+    vocabulary and f32 norms included), ratio to its f16 file, and sha256."""
+    size = Path(path).stat().st_size
+    return {
+        "size_bytes": size,
+        "parameters": elements,
+        "bits_per_weight": 8 * size / elements,
+        "ratio_to_f16": size / Path(f16_path).stat().st_size,
+        "sha256": sha256_file(path),
+    }

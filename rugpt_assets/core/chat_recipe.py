@@ -1,21 +1,29 @@
-"""The rulm chat recipe (DESIGN §3): normalized source rows in, chat records out.
+"""The rulm chat recipe: normalized source rows in, chat records out.
 
-Reproduces rulm's ``create_chat_set`` (Sept 2023): given the same rows it gives the same records,
-in the same order, with the same train/validation split. One ``random.Random(config.seed)``
-drives every random choice, in the recipe's order of calls: the mix draws (step 7), the roleplay
-draws (step 9), then the shuffle (step 11). Steps 1-6 and 8 draw nothing.
+Reproduces rulm's ``create_chat_set`` (commit 7991597, Sept 2023, run with the datasketch 1.5.9
+it pins): on any input rulm's script runs to the end on, the same records in the same order and
+the same train/validation split. One ``random.Random(config.seed)`` stands in for the global
+``random`` module rulm seeds once, and takes every draw rulm's run makes, in the same order: the
+eleven that building datasketch's LSH index makes (step 4, `draw_lsh_storage_name`), the mix draws
+(step 7), the roleplay draws (step 9), then the shuffle (step 11).
 
-Input rows are keyed by source name (``sources.SOURCES``) and already normalized: text columns
-are ``str``, message lists are ``[{"role", "content"}, ...]`` with known roles. Output records are
-``{"messages": [{"role", "content"}, ...], "source": ...}``. Inputs are never modified.
+Input rows are keyed by source name (``sources.SOURCES``) in the shape ``sources.normalize_rows``
+gives: every used column present, message lists as lists of message objects. Values are judged
+where rulm reads them, on the path it takes: a value rulm never reads is never judged (an alpaca
+``output`` whose alternative answer is good may be null). What rulm skips is dropped and counted
+(``dropped_*``); what rulm could not process at all (its script stops with an error there) is left
+out and counted as ``rejected_*``, so that a malformed row never stops the recipe. Output records
+are ``{"messages": [message objects], "source": ...}``. Inputs are never modified.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
 import statistics
+import string
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +39,11 @@ from rugpt_assets.core.configs import RecipeConfig
 from rugpt_assets.core.sources import CHAT_ROLES, SOURCES
 
 # Bump by hand whenever the records this module produces change (Dagster code_version).
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
+
+# What `build_chat_set` reproduces, for the chat_set metadata.
+RULM_COMMIT = "7991597ef64329b5e288d95b10ef53a3536fa680"
+RULM_SCRIPT = "self_instruct/src/data_processing/create_chat_set.py"
 
 DEFAULT_BAD_SUBSTRINGS_PATH = Path(__file__).resolve().parent.parent / "data" / "rulm_bad_substrings.txt"
 TOKEN_RE = re.compile(r"[а-яё-]+|[a-z-]+|\d+|\S", re.IGNORECASE)
@@ -44,17 +56,17 @@ MINHASH_SCHEME = "legacy"
 class ChatSet:
     train: list[dict[str, Any]]
     val: list[dict[str, Any]]
-    stats: dict[str, dict[str, int]]  # recipe step -> counts (rows read, dropped by reason, kept)
+    stats: dict[str, dict[str, int]]  # recipe step -> counts (rows read, dropped and rejected by reason, kept)
 
 
 # --- records ---------------------------------------------------------------------------------
 
 
-def message(role: str, content: str) -> dict[str, str]:
+def message(role: str, content: Any) -> dict[str, Any]:
     return {"role": role, "content": content}
 
 
-def record(messages: list[dict[str, str]], source: str) -> dict[str, Any]:
+def record(messages: list[dict[str, Any]], source: str) -> dict[str, Any]:
     return {"messages": messages, "source": source}
 
 
@@ -68,11 +80,15 @@ def chat_length(record: Mapping[str, Any]) -> int:
     return content_length(record["messages"])
 
 
-def instruction_message(instruction: str, input: str) -> str:
-    return instruction + "\nДано: " + input if input else instruction
+def instruction_message(instruction: Any, input: Any) -> str | None:
+    """The user message of steps 1 and 3: the instruction, plus ``"\nДано: "`` and the input when
+    the input is non-empty (truthy, as rulm tests it); None when that is not text."""
+    if input:
+        return instruction + "\nДано: " + input if isinstance(instruction, str) and isinstance(input, str) else None
+    return instruction if isinstance(instruction, str) else None
 
 
-# --- bad substrings (§3.1) ---------------------------------------------------------------------
+# --- bad substrings ---------------------------------------------------------------------------
 
 
 def load_bad_substrings(path: Path | str | None = None) -> list[str]:
@@ -123,8 +139,22 @@ class BadSubstrings:
         return found
 
 
-def has_bad_message(messages: Sequence[Mapping[str, str]], bad: BadSubstrings) -> bool:
-    return any(bad(m["content"]) for m in messages)
+def scan_messages(messages: Sequence[Mapping[str, Any]], bad: BadSubstrings) -> str | None:
+    """rulm's bad-substring test of a message list: in order, up to the first bad message, which
+    gives ``"bad"``. A content it reaches that is not text gives ``"content_not_text"`` (rulm
+    stops with an error there); a content after the first bad message is never read. None when
+    no message is bad."""
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, str):
+            return "content_not_text"
+        if bad(content):
+            return "bad"
+    return None
+
+
+def copied(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(m) for m in messages]
 
 
 # --- steps 1-3: instructions -----------------------------------------------------------------
@@ -135,12 +165,16 @@ def gpt4_records(rows, bad, stats) -> list[dict]:
     records, counts = [], Counter(rows=len(rows), dropped_empty_answer=0, dropped_bad_answer=0)
     for row in rows:
         answer = row["full_output"]
+        user = instruction_message(row["instruction"], row["input"])
         if not answer:
             counts["dropped_empty_answer"] += 1
+        elif not isinstance(answer, str):
+            counts["rejected_answer_not_text"] += 1
         elif bad(answer):
             counts["dropped_bad_answer"] += 1
+        elif user is None:
+            counts["rejected_instruction_not_text"] += 1
         else:
-            user = instruction_message(row["instruction"], row["input"])
             records.append(record([message("user", user), message("bot", answer)], "gpt4"))
     stats["gpt4"] = dict(counts, kept=len(records))
     return records
@@ -150,33 +184,72 @@ def evol_instruct_records(rows, bad, stats) -> list[dict]:
     """Step 2: instruction -> output; bad answers are skipped (empty ones are not)."""
     records, counts = [], Counter(rows=len(rows), dropped_bad_answer=0)
     for row in rows:
-        if bad(row["output"]):
+        instruction, answer = row["instruction"], row["output"]
+        if not isinstance(answer, str):
+            counts["rejected_answer_not_text"] += 1
+        elif bad(answer):
             counts["dropped_bad_answer"] += 1
+        elif not isinstance(instruction, str):
+            counts["rejected_instruction_not_text"] += 1
         else:
-            messages = [message("user", row["instruction"]), message("bot", row["output"])]
-            records.append(record(messages, "alpaca-evol-instruct"))
+            records.append(record([message("user", instruction), message("bot", answer)], "alpaca-evol-instruct"))
     stats["alpaca-evol-instruct"] = dict(counts, kept=len(records))
     return records
 
 
 def alpaca_records(rows, bad, stats) -> list[dict]:
-    """Step 3: the alternative output, or the output when the alternative is bad; else skipped."""
+    """Step 3: the alternative output, or the output when the alternative is bad; else skipped.
+    The output is read only then: when the alternative is good, the output may be anything."""
     records, counts = [], Counter(rows=len(rows), bad_alternative=0, dropped_bad_answer=0)
     for row in rows:
         answer = row["alternative_output"]
+        if not isinstance(answer, str):
+            counts["rejected_alternative_not_text"] += 1
+            continue
         if bad(answer):
             answer = row["output"]
             counts["bad_alternative"] += 1
+            if not isinstance(answer, str):
+                counts["rejected_answer_not_text"] += 1
+                continue
             if bad(answer):
                 counts["dropped_bad_answer"] += 1
                 continue
         user = instruction_message(row["instruction"], row["input"])
+        if user is None:
+            counts["rejected_instruction_not_text"] += 1
+            continue
         records.append(record([message("user", user), message("bot", answer)], "alpaca"))
     stats["alpaca"] = dict(counts, kept=len(records))
     return records
 
 
 # --- step 4: near-duplicate removal ----------------------------------------------------------
+
+# Constructing datasketch's ``MinHashLSH`` names its storage with ``storage._random_name(11)``:
+# eleven ``random.choice(string.ascii_lowercase)`` calls on the *global* ``random`` module
+# (datasketch 1.5.9, which rulm pins, and 2.x alike). rulm seeds that module once and builds one
+# index, in this step, so every draw of steps 7, 9 and 11 comes after these eleven.
+LSH_STORAGE_NAME_DRAWS = 11
+
+
+def draw_lsh_storage_name(rng: random.Random) -> None:
+    """The draws rulm's ``MinHashLSH()`` makes, made on the recipe's own generator instead."""
+    for _ in range(LSH_STORAGE_NAME_DRAWS):
+        rng.choice(string.ascii_lowercase)
+
+
+@functools.cache  # datasketch computes them by numeric integration: ~20 ms
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(b, r): the bands and rows per band of datasketch's ``MinHashLSH(threshold, num_perm)``.
+    Building one draws from the global ``random`` module (see `draw_lsh_storage_name`); its state
+    is put back, so callers' own use of ``random`` is not shifted."""
+    state = random.getstate()
+    try:
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    finally:
+        random.setstate(state)
+    return lsh.b, lsh.r
 
 
 def fingerprint_tokens(text: str) -> list[bytes]:
@@ -192,7 +265,7 @@ def minhashes(texts, num_perm: int):
     return MinHash.generator(tokens, num_perm=num_perm, scheme=MINHASH_SCHEME)
 
 
-def remove_near_duplicates(records, config: RecipeConfig, stats) -> list[dict]:
+def remove_near_duplicates(records, rng: random.Random, config: RecipeConfig, stats) -> list[dict]:
     """Step 4: drop a record whose first message is estimated > threshold similar (Jaccard) to
     that of an earlier kept record among its LSH candidates; dropped records are not indexed.
 
@@ -206,15 +279,16 @@ def remove_near_duplicates(records, config: RecipeConfig, stats) -> list[dict]:
     against ``query`` + ``jaccard``.
     """
     threshold, num_perm = config.dedup_threshold, config.dedup_num_perm
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # used for its b, r only
-    band_dtype = np.dtype((np.void, lsh.r * 8))  # the r uint64 values of a band as one bytes key
-    buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(lsh.b)]
+    draw_lsh_storage_name(rng)  # rulm builds its index here, even for no records
+    b, r = lsh_bands(threshold, num_perm)
+    band_dtype = np.dtype((np.void, r * 8))  # the r uint64 values of a band as one bytes key
+    buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(b)]
     kept_hashvalues = np.empty((len(records), num_perm), dtype=np.uint64)  # row = kept record
     kept = []
-    texts = (r["messages"][0]["content"] for r in records)
-    for r, minhash in zip(records, minhashes(texts, num_perm)):
+    texts = (rec["messages"][0]["content"] for rec in records)
+    for rec, minhash in zip(records, minhashes(texts, num_perm)):
         hashvalues = minhash.hashvalues
-        bands = hashvalues[: lsh.b * lsh.r].view(band_dtype).tolist()
+        bands = hashvalues[: b * r].view(band_dtype).tolist()
         rows = chain.from_iterable(bucket.get(band, ()) for bucket, band in zip(buckets, bands))
         candidates = np.fromiter(rows, dtype=np.intp)
         if candidates.size:
@@ -224,7 +298,7 @@ def remove_near_duplicates(records, config: RecipeConfig, stats) -> list[dict]:
         for bucket, band in zip(buckets, bands):
             bucket[band].append(len(kept))
         kept_hashvalues[len(kept)] = hashvalues
-        kept.append(r)
+        kept.append(rec)
     dropped = len(records) - len(kept)
     stats["near_duplicates"] = {"records": len(records), "dropped": dropped, "kept": len(kept)}
     return kept
@@ -234,13 +308,18 @@ def remove_near_duplicates(records, config: RecipeConfig, stats) -> list[dict]:
 
 
 def saiga_records(rows, bad, stats) -> list[dict]:
-    """Step 5: every conversation without a bad substring in any of its messages."""
-    records = [
-        record([message(m["role"], m["content"]) for m in row["messages"]], "saiga")
-        for row in rows
-        if not has_bad_message(row["messages"], bad)
-    ]
-    stats["saiga"] = {"rows": len(rows), "dropped_bad": len(rows) - len(records), "kept": len(records)}
+    """Step 5: every conversation without a bad substring in any of its messages (an empty one
+    too: a later instruct may be mixed into it)."""
+    records, counts = [], Counter(rows=len(rows), dropped_bad=0)
+    for row in rows:
+        verdict = scan_messages(row["messages"], bad)
+        if verdict is None:
+            records.append(record(copied(row["messages"]), "saiga"))
+        elif verdict == "bad":
+            counts["dropped_bad"] += 1
+        else:
+            counts[f"rejected_{verdict}"] += 1
+    stats["saiga"] = dict(counts, kept=len(records))
     return records
 
 
@@ -311,53 +390,77 @@ def mix_into_saiga(saiga, instructs, rng: random.Random, config: RecipeConfig, s
 
 def truncated_conversations(rows, source: str, config: RecipeConfig, stats) -> list[dict]:
     """Step 8: while a conversation is longer than the limit (the `chat_length` of what is left
-    > 10000), drop its last two messages; skip it when nothing is left."""
-    records, counts = [], Counter(rows=len(rows), truncated=0, dropped_too_long=0)
+    > 10000), drop its last two messages; skip it when nothing is left (or nothing was there).
+    The length counts every message, so every content must be text."""
+    records, counts = [], Counter(rows=len(rows), truncated=0, dropped_empty=0)
     for row in rows:
-        messages = [message(m["role"], m["content"]) for m in row["messages"]]
+        messages = row["messages"]
+        if not all(isinstance(m.get("content"), str) for m in messages):
+            counts["rejected_content_not_text"] += 1
+            continue
         truncated = False
         while content_length(messages) > config.conversation_max_chars:
             messages = messages[:-2]
             truncated = True
         if not messages:
-            counts["dropped_too_long"] += 1
+            counts["dropped_empty"] += 1
             continue
-        if truncated:
-            counts["truncated"] += 1
-        records.append(record(messages, source))
+        counts["truncated"] += truncated
+        records.append(record(copied(messages), source))
     stats[source] = dict(counts, kept=len(records))
     return records
 
 
 # --- step 9: roleplay --------------------------------------------------------------------------
 
-CHAT_ROLE = {"char": "bot", "operator": "user"}  # roleplay role -> chat role; "user" stays
+CHAT_ROLE = {"char": "bot", "operator": "user"}  # roleplay role -> chat role; others stay
+SPEAKER = {"user": "Пользователь", "char": "Персонаж"}  # example-dialogue role -> line prefix
 
 
-def example_dialogue_text(example_dialogue) -> str:
-    # The lines are joined with newlines: no newline after the last one.
-    return "\n".join(
-        f"{'Пользователь' if m['role'] == 'user' else 'Персонаж'}: {m['content']}" for m in example_dialogue
-    )
+def roleplay_message(m: Mapping[str, Any]) -> dict[str, Any]:
+    role = m.get("role")
+    return {**m, "role": CHAT_ROLE[role]} if isinstance(role, str) and role in CHAT_ROLE else dict(m)
+
+
+def example_dialogue_text(example_dialogue: Any) -> str | None:
+    """The example dialogue as lines joined with newlines (no newline after the last one); None
+    when it is not a list of messages with roles user/char, or empty (rulm stops with an error there).
+    Contents are formatted as Python formats any value, as rulm's f-string does."""
+    if not isinstance(example_dialogue, list):
+        return "" if example_dialogue == "" else None  # an empty string iterates as no messages
+    lines = []
+    for m in example_dialogue:
+        role = m.get("role") if isinstance(m, dict) else None
+        if not (isinstance(role, str) and role in SPEAKER and "content" in m):
+            return None
+        lines.append(f"{SPEAKER[role]}: {m['content']}")
+    return "\n".join(lines)
 
 
 def roleplay_records(rows, rng: random.Random, config: RecipeConfig, stats) -> list[dict]:
     """Step 9: one record per dialogue of each character. Two draws per dialogue, greeting first:
     the greeting joins the context and opens the chat as a bot message; the example dialogue joins
-    the context. The system message (context) comes first."""
+    the context. The system message (context) comes first. name, context and greeting are
+    formatted as Python formats any value (a null reads "None"), as rulm's f-strings do; the
+    greeting and the example dialogue are read only when their draw says so."""
     records = []
     counts = Counter(characters=len(rows), with_greeting=0, with_example_dialogue=0)
     for row in rows:
         for dialogue in row["dialogues"]:
-            chat = [message(CHAT_ROLE.get(m["role"], m["role"]), m["content"]) for m in dialogue["chat"]]
+            chat = [roleplay_message(m) for m in dialogue["chat"]]
             context = f"Ты {row['name']}. {row['context']}"
-            if rng.random() < config.roleplay_greeting_probability:
+            greeting = rng.random() < config.roleplay_greeting_probability
+            if greeting:
                 context += f"\nПриветствие: {row['greeting']}"
                 chat.insert(0, message("bot", row["greeting"]))
-                counts["with_greeting"] += 1
             if rng.random() < config.roleplay_example_probability:
-                context += "\nПример диалога:\n" + example_dialogue_text(row["example_dialogue"])
+                example = example_dialogue_text(row["example_dialogue"])
+                if example is None:
+                    counts["rejected_example_dialogue_unreadable"] += 1
+                    continue
+                context += "\nПример диалога:\n" + example
                 counts["with_example_dialogue"] += 1
+            counts["with_greeting"] += greeting
             records.append(record([message("system", context)] + chat, "roleplay"))
     stats["roleplay"] = dict(counts, dialogues=len(records))
     return records
@@ -367,21 +470,23 @@ def roleplay_records(rows, rng: random.Random, config: RecipeConfig, stats) -> l
 
 
 def clean(records, bad, stats) -> list[dict]:
-    """Step 10, on every record of every source: an unknown role is an error; records with a bad
-    substring in any message (user and system messages included) or with no messages are dropped."""
-    for r in records:
-        for m in r["messages"]:
-            if m["role"] not in CHAT_ROLES:
-                raise ValueError(
-                    f"a {r['source']!r} record has role {m['role']!r}; chat roles are system, user, "
-                    f"bot. Fix: normalize the source rows (sources.normalize_rows) before the recipe."
-                )
+    """Step 10, on every record of every source: records with a bad substring in any message
+    (user and system messages included) or with no messages are dropped. A record with a role
+    other than system/user/bot, or with a content that is not text, is rejected (rulm stops with
+    an error on either)."""
     kept, counts = [], Counter(records=len(records), dropped_empty=0, dropped_bad=0)
     for r in records:
-        if not r["messages"]:
-            counts["dropped_empty"] += 1
-        elif has_bad_message(r["messages"], bad):
+        messages = r["messages"]
+        if not all(isinstance(m.get("role"), str) and m["role"] in CHAT_ROLES for m in messages):
+            counts["rejected_unknown_role"] += 1
+            continue
+        verdict = scan_messages(messages, bad)
+        if verdict == "bad":
             counts["dropped_bad"] += 1
+        elif verdict:
+            counts[f"rejected_{verdict}"] += 1
+        elif not messages:
+            counts["dropped_empty"] += 1
         else:
             kept.append(r)
     stats["clean"] = dict(counts, kept=len(kept))
@@ -415,7 +520,7 @@ def build_chat_set(
     gpt4 = gpt4_records(rows["ru_instruct_gpt4"], bad, stats)  # 1
     evol = evol_instruct_records(rows["ru_turbo_alpaca_evol_instruct"], bad, stats)  # 2
     alpaca = alpaca_records(rows["ru_turbo_alpaca"], bad, stats)  # 3
-    instructs = gpt4 + remove_near_duplicates(evol + alpaca, config, stats)  # 4
+    instructs = gpt4 + remove_near_duplicates(evol + alpaca, rng, config, stats)  # 4
     saiga = saiga_records(rows["ru_turbo_saiga"], bad, stats)  # 5
     merged = merge_short_instructs(instructs, config, stats)  # 6
     records = mix_into_saiga(saiga, merged, rng, config, stats)  # 7
@@ -425,6 +530,29 @@ def build_chat_set(
     records = clean(records, bad, stats)  # 10
     train, val = shuffle_and_split(records, rng, config, stats)  # 11
     return ChatSet(train=train, val=val, stats=stats)
+
+
+# --- what it reproduces ------------------------------------------------------------------------
+
+# The record sources of steps 1-3, 5, 8 and 9, one per dataset, in the order of `sources.SOURCES`.
+SOURCE_STEPS = ("gpt4", "alpaca-evol-instruct", "alpaca", "saiga", "sharegpt", "oasst", "roleplay")
+
+
+def recipe_parity(chat_set: ChatSet) -> dict[str, Any]:
+    """What `build_chat_set` reproduces, and what each source's step kept, dropped as rulm does,
+    and rejected where rulm could not go on; for metadata."""
+    return {
+        "reference": f"rulm {RULM_SCRIPT} at commit {RULM_COMMIT}, with datasketch 1.5.9",
+        "datasketch_behaviour": (
+            f"MinHashLSH() draws random.choice(string.ascii_lowercase) {LSH_STORAGE_NAME_DRAWS} times from "
+            "the global random module (storage._random_name) before the mix, roleplay and shuffle draws; "
+            "made on the recipe's own Random(seed) at the same step; MinHash permutations: scheme "
+            f"{MINHASH_SCHEME!r} (datasketch 1.x)"
+        ),
+        "counts_per_source": {
+            spec.name: {"step": step, **chat_set.stats[step]} for spec, step in zip(SOURCES, SOURCE_STEPS)
+        },
+    }
 
 
 # --- output ----------------------------------------------------------------------------------

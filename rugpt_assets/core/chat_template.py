@@ -1,4 +1,4 @@
-"""The gigasaiga chat template and only-target-loss tokenization (DESIGN §4).
+"""The gigasaiga chat template and only-target-loss tokenization (docs/ARCHITECTURE.md, "Training").
 
 Every message renders as ``<s>{role}\\n{content}</s>\\n``; the text carries ``<s>``/``</s>`` as
 literal special tokens, which the tokenizer maps to ruGPT-3.5's ids 2/3. A chat that does not
@@ -35,6 +35,42 @@ def render_prompt(messages: Sequence[Message], system_prompt: str = DEFAULT_SYST
     """The text to generate the next bot message from: the chat so far, then ``<s>bot\\n``."""
     chat = with_system_prompt(messages, system_prompt)
     return "".join(render_message(m["role"], m["content"]) for m in chat) + f"<s>{BOT_ROLE}\n"
+
+
+# OpenAI-style clients (llama.cpp servers, Ollama) call the bot "assistant"; the template
+# writes it as the model was trained.
+ASSISTANT_ROLE = "assistant"
+
+
+def jinja_chat_template(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """`render_prompt` as a Jinja chat template (`tokenizer.chat_template` in GGUF and HF):
+    given `messages` and `add_generation_prompt`, it renders the same text. One line, so
+    `trim_blocks`/`lstrip_blocks` (set by HF and llama-cpp-python) change nothing."""
+    default_system = render_message("system", system_prompt)
+    return (
+        "{% if not messages or messages[0]['role'] != 'system' %}{{ " + _jinja_string(default_system) + " }}{% endif %}"
+        "{% for message in messages %}"
+        f"{{{{ '<s>' + ('{BOT_ROLE}' if message['role'] == '{ASSISTANT_ROLE}' else message['role'])"
+        " + '\\n' + message['content'] + '</s>\\n' }}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ '<s>{BOT_ROLE}\\n' }}}}{{% endif %}}"
+    )
+
+
+def _jinja_string(text: str) -> str:
+    """A Jinja string literal holding `text` exactly."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def ollama_template() -> str:
+    """`render_prompt` as an Ollama TEMPLATE (Go text/template over `.Messages`). Ollama puts the
+    Modelfile's SYSTEM first when a chat has no system message, as `with_system_prompt` does."""
+    return (
+        "{{- range .Messages }}<s>"
+        f'{{{{ if eq .Role "{ASSISTANT_ROLE}" }}}}{BOT_ROLE}{{{{ else }}}}{{{{ .Role }}}}{{{{ end }}}}\n'
+        "{{ .Content }}</s>\n{{ end }}"
+        f"<s>{BOT_ROLE}\n"
+    )
 
 
 def tokenize_chat(

@@ -9,9 +9,10 @@ mean something. Single-threaded and seeded: the same texts give the same bytes e
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from rugpt_assets.core.configs import GenerationConfig
 
 SPECIAL_TOKENS = ("<pad>", "<|endoftext|>", "<s>", "</s>", "<mask>")
 PAD_ID, ENDOFTEXT_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# Bump by hand whenever `build_demo_model` writes other bytes for the same texts and spec.
+DEMO_MODEL_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,16 @@ def sample_texts(samples_dir: Path) -> Iterator[str]:
             yield from strings(row)
 
 
+def recipe_identity(texts: Iterable[str], spec: DemoModelSpec = DemoModelSpec()) -> dict:
+    """What the demo model is a function of: the builder's version, the spec and the texts."""
+    h = hashlib.sha256()
+    for text in texts:
+        data = text.encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return {"builder": "demo", "version": DEMO_MODEL_VERSION, "spec": asdict(spec), "texts_sha256": h.hexdigest()}
+
+
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -73,7 +86,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     # Wrapping the tokenizers object (not GPT2TokenizerFast(vocab, merges)) keeps encoding
-    # working with transformers 5 (DESIGN §5).
+    # working with transformers 5 (docs/ARCHITECTURE.md, "Training").
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<pad>",
@@ -171,7 +184,7 @@ def gpt2_weight_shapes(n_embd: int, n_layer: int, vocab_size: int, n_positions: 
 
 
 def write_generation_config(model_dir: Path, generation: GenerationConfig = GenerationConfig()) -> None:
-    """The seed's generation defaults with ruGPT-3.5's special ids (DESIGN §4)."""
+    """The seed's generation defaults with ruGPT-3.5's special ids (docs/ARCHITECTURE.md, "Training")."""
     values = {
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,

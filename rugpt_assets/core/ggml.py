@@ -12,7 +12,7 @@ Tensor names and the choice of f16/f32 per tensor are those of llm-rs's own GPT-
 f16; `model/wpe`, biases and layer norms in f32; Conv1D weights transposed to (out, in).
 
 Unlike llm-rs's converter, which loads the whole model and writes the vocabulary as decoded
-text (single-byte tokens become U+FFFD, DESIGN §5), `write_ggml_f16` streams one tensor at a
+text (single-byte tokens become U+FFFD, docs/ARCHITECTURE.md, "GGML files"), `write_ggml_f16` streams one tensor at a
 time from the safetensors files and writes each token's raw bytes. Next to each file go two
 sidecars: `.meta` (how llm-rs's `AutoModel` recognizes the model) and `.tokenizer.json` (the
 real BPE for llm-rs, see `write_llm_rs_tokenizer`).
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from rugpt_assets.core.artifacts import check_safetensors, published, sha256_file
+from rugpt_assets.core.artifacts import check_safetensors, published, weights_file_figures
 
 # Dagster's code_version of the GGML assets: bump when the same model would give other bytes.
 GGML_WRITER_VERSION = "1"
@@ -50,6 +50,7 @@ _HEADER = struct.Struct("<7i")  # magic, n_vocab, n_ctx, n_embd, n_head, n_layer
 # on load ("not enough space in the context's memory pool").
 LLM_RS_TENSOR_ALIGN = 16
 QUANT_BLOCK = 32  # elements per block of every quantized type written here
+DEQUANTIZE_BLOCK_BYTES = 64 << 20  # float32 output per read-and-dequantize step of a tensor
 
 # HF GPT-2 parameter name (without the `transformer.` prefix) → GGML name.
 _BLOCK_NAMES = {
@@ -66,6 +67,7 @@ _BLOCK_NAMES = {
     "mlp.c_proj.weight": "mlp/c_proj/w",
     "mlp.c_proj.bias": "mlp/c_proj/b",
 }
+BLOCK_TENSORS = tuple(_BLOCK_NAMES.values())  # one transformer block's tensors, named inside `model/h{i}/`
 _BLOCK_RE = re.compile(r"h\.(\d+)\.(.+)")
 _MASK_BUFFER_RE = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -85,21 +87,73 @@ class GGMLHparams:
 
 @dataclass(frozen=True)
 class GGMLTensor:
+    """One tensor of a GGML file, located but not loaded: each read goes to the file.
+
+    Reads are plain file reads into fresh memory, not a memory map: every page of a map that
+    was touched stays in the process's resident set until the map is closed, so streaming a
+    13B file through one map would count the whole file (26 GB) against the process.
+    """
+
     name: str
     type: GGMLQuantizationType
     ne: tuple[int, ...]  # GGML order: innermost (row length) first
-    data: np.ndarray  # raw bytes (uint8), a view into the file
+    path: Path
+    offset: int  # of the data in the file
+    nbytes: int
 
     @property
     def shape(self) -> tuple[int, ...]:
         """numpy/torch order."""
         return tuple(reversed(self.ne))
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (`ne[0]` elements): rows are whole blocks in every type."""
+        return self.nbytes // int(np.prod(self.ne[1:], dtype=np.int64))
+
+    @property
+    def data(self) -> np.ndarray:
+        """The raw bytes (uint8)."""
+        out = np.empty(self.nbytes, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            _read_exactly(f, self.offset, out)
+        return out
+
     def to_numpy(self) -> np.ndarray:
         """Dequantized to float32 in numpy order; the quantized block formats (Q4_0…Q8_0)
-        are the same bytes as GGUF's, so gguf's numpy kernels read them."""
-        rows = self.data.reshape(-1, self.data.size // int(np.prod(self.ne[1:], dtype=np.int64)))
-        return dequantize(rows, self.type).reshape(self.shape)
+        are the same bytes as GGUF's, so gguf's numpy kernels read them. Read and dequantized
+        in row blocks, so memory is the result plus one block (gguf's kernel alone would hold
+        a second float32 copy of the whole tensor)."""
+        n_rows = int(np.prod(self.ne[1:], dtype=np.int64))
+        out = np.empty((n_rows, self.ne[0]), dtype=np.float32)
+        step = max(1, DEQUANTIZE_BLOCK_BYTES // (4 * self.ne[0]))
+        raw = np.empty((min(step, n_rows), self.row_bytes), dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            for start in range(0, n_rows, step):
+                n = min(step, n_rows - start)
+                _read_exactly(f, self.offset + start * self.row_bytes, raw[:n])
+                out[start : start + n] = dequantize(raw[:n], self.type)
+        return out.reshape(self.shape)
+
+    def rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Rows `ids` of a 2-D tensor (e.g. the embeddings of some tokens), dequantized to
+        float32, reading only those rows."""
+        raw = np.empty((len(ids), self.row_bytes), dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            for i, row in enumerate(ids):
+                _read_exactly(f, self.offset + int(row) * self.row_bytes, raw[i])
+        return dequantize(raw, self.type).reshape(len(ids), self.ne[0])
+
+
+def _read_exactly(f, offset: int, out: np.ndarray) -> None:
+    view = memoryview(out).cast("B")
+    f.seek(offset)
+    done = 0
+    while done < len(view):  # one read returns at most ~2 GB on Linux
+        n = f.readinto(view[done:])
+        if not n:
+            raise ValueError(f"{f.name}: ends before byte {offset + len(view)} (truncated?)")
+        done += n
 
 
 @dataclass(frozen=True)
@@ -112,8 +166,9 @@ class GGMLFile:
 # ---------------------------------------------------------------------------- writing
 
 
-def _tensor_plan(model_dir: Path, config: dict) -> list[tuple[str, str, Path]]:
-    """(ggml name, safetensors name, file) in llm-rs's converter order; lm_head from wte when tied."""
+def tensor_plan(model_dir: Path, config: dict) -> list[tuple[str, str, Path]]:
+    """(ggml name, safetensors name, file) in llm-rs's converter order; lm_head from wte when tied
+    (then its safetensors name is wte's)."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         weight_map = {k: model_dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
@@ -158,41 +213,69 @@ def _gpt2_tensor_names(n_layer: int) -> list[str]:
     return names + ["model/ln_f/g", "model/ln_f/b", "model/lm_head"]
 
 
-def _check_config(model_dir: Path, config: dict) -> None:
+def gpt2_config_problems(config: dict) -> list[str]:
+    """Why ggml (llm-rs and llama.cpp alike) would compute another function than this HF config."""
     problems = []
     if config.get("model_type") != "gpt2":
         problems.append(f"model_type is {config.get('model_type')!r}, expected 'gpt2'")
-    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
-        problems.append("n_inner must be 4 * n_embd (llm-rs's GPT-2 assumes it)")
     if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         problems.append("activation_function must be the tanh GELU (gelu_new) that ggml computes")
     if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
         problems.append("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported by ggml")
+    return problems
+
+
+def _check_config(model_dir: Path, config: dict) -> None:
+    problems = gpt2_config_problems(config)
+    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
+        problems.append("n_inner must be 4 * n_embd (llm-rs's GPT-2 assumes it)")
     if problems:
         raise ValueError(f"{model_dir}/config.json cannot be exported to GGML: " + "; ".join(problems))
 
 
-def tokenizer_vocab_bytes(tokenizer, n_vocab: int) -> list[bytes]:
-    """Each id's raw bytes: byte-level BPE tokens mapped back through GPT-2's byte↔unicode
-    table, added (special) tokens as their literal UTF-8 text. Ids the tokenizer does not use
-    (the model's embedding may be padded past it) get empty entries."""
-    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
-    vocab = [b""] * n_vocab
+@dataclass(frozen=True)
+class VocabEntry:
+    text: str  # byte-level BPE string (GPT-2's printable spelling of bytes), or an added token's text
+    added: bool  # an added token (`<s>`, `</s>`, …), matched literally before BPE
+    special: bool
+
+
+def tokenizer_vocab(tokenizer, n_vocab: int) -> list[VocabEntry | None]:
+    """Each id's entry; None for ids the tokenizer does not use (the model's embedding may be
+    padded past it). Only GPT-2 style byte-level BPE tokenizers can be exported."""
+    added = tokenizer.added_tokens_decoder
+    vocab: list[VocabEntry | None] = [None] * n_vocab
     for token, i in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).items():
         if i >= n_vocab:
             raise ValueError(f"tokenizer id {i} ({token!r}) is past the model's vocab_size {n_vocab}")
         if i in added:
-            vocab[i] = added[i].encode("utf-8")
+            vocab[i] = VocabEntry(added[i].content, added=True, special=added[i].special)
         elif all(ch in BYTE_OF_CHAR for ch in token):
-            vocab[i] = bytes(BYTE_OF_CHAR[ch] for ch in token)
+            vocab[i] = VocabEntry(token, added=False, special=False)
         else:
             raise ValueError(
                 f"token {i} {token!r} is not byte-level BPE; only GPT-2 style byte-level "
-                "tokenizers can be written to a GGML vocabulary"
+                "tokenizers can be exported to GGML or GGUF"
             )
+    return vocab
+
+
+def tokenizer_vocab_bytes(tokenizer, n_vocab: int) -> list[bytes]:
+    """Each id's raw bytes: byte-level BPE tokens mapped back through GPT-2's byte↔unicode
+    table, added (special) tokens as their literal UTF-8 text, unused ids empty."""
+    vocab = [
+        b"" if e is None else e.text.encode("utf-8") if e.added else bytes(BYTE_OF_CHAR[ch] for ch in e.text)
+        for e in tokenizer_vocab(tokenizer, n_vocab)
+    ]
     if b"<|endoftext|>" not in vocab:
         raise ValueError("the tokenizer has no <|endoftext|> token, which llm-rs's GPT-2 requires")
     return vocab
+
+
+def bpe_merges(tokenizer_json: dict) -> list[str]:
+    """A `tokenizer.json`'s merges as "a b" strings, the form llm-rs and GGUF read (current
+    `tokenizers` writes pairs); byte-level tokens never contain a space, so the join is unambiguous."""
+    return [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
 
 
 def tokenizer_sidecar(ggml_path: Path) -> Path:
@@ -206,15 +289,15 @@ def write_llm_rs_tokenizer(tokenizer, out_path: Path) -> None:
     llm-rs's tokenizer for the vocabulary inside a GGML file is not BPE (it picks the
     segmentation with the longest pieces), so text such as " —" or tabs would get other ids
     than in training; given this file it runs the real BPE. Two changes make it usable:
-    - merges as "a b" strings: llm-rs cannot read the pairs current `tokenizers` writes
-      (DESIGN §5); byte-level tokens never contain a space, so the join is unambiguous;
+    - merges as "a b" strings (`bpe_merges`): llm-rs cannot read the pairs current `tokenizers` writes
+      (docs/ARCHITECTURE.md, "GGML files"); byte-level tokens never contain a space, so the join is unambiguous;
     - a `Fuse` decoder instead of ByteLevel: llm-rs decodes each generated token on its own,
       which turns a token holding part of a UTF-8 character into U+FFFD. With `Fuse` it hands
       out the token's byte-level string, which `evaluate.TokenText` maps back to exact bytes.
       Special tokens still come out as empty strings, which is how a reply's end is seen.
     """
     data = json.loads(tokenizer.backend_tokenizer.to_str())
-    data["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    data["model"]["merges"] = bpe_merges(data)
     data["decoder"] = {"type": "Fuse"}
     Path(out_path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
@@ -232,21 +315,42 @@ def _check_quantizable(model_dir: Path, ggml_name: str, shape: tuple[int, ...]) 
         )
 
 
+def _stored_dtype(ggml_name: str, ndim: int) -> torch.dtype:
+    """llm-rs's converter (and llama.cpp's): 2-D weights in f16; the position table, biases and
+    norms in f32."""
+    return torch.float16 if ndim == 2 and ggml_name != "model/wpe" else torch.float32
+
+
+def stored_shape_and_dtype(ggml_name: str, st_name: str, st_file: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """What `load_tensor` will return, from the safetensors header alone (no data read)."""
+    with safe_open(st_file, framework="pt") as st:
+        shape = tuple(st.get_slice(st_name).get_shape())
+    if ggml_name.endswith("/w"):
+        shape = shape[::-1]
+    return shape, np.dtype(np.float16 if _stored_dtype(ggml_name, len(shape)) == torch.float16 else np.float32)
+
+
+def load_tensor(ggml_name: str, st_name: str, st_file: Path) -> np.ndarray:
+    """One tensor of a `tensor_plan`, as it is stored in a GGML or GGUF file."""
+    # Opened per tensor: a safetensors memory map keeps every page it touched resident until
+    # closed, which would grow RSS to the whole shard.
+    with safe_open(st_file, framework="pt") as st:
+        return _ggml_array(ggml_name, st.get_tensor(st_name))
+
+
 def _check_shapes(model_dir: Path, plan: list[tuple[str, str, Path]]) -> None:
     """Every f16 tensor's shape, from the headers, before anything is written."""
-    for st_file in sorted({file for _, _, file in plan}):
-        with safe_open(st_file, framework="pt") as st:
-            for ggml_name, st_name, file in plan:
-                shape = tuple(st.get_slice(st_name).get_shape()) if file == st_file else ()
-                if len(shape) == 2 and ggml_name != "model/wpe":  # stored f16 (see _ggml_array)
-                    _check_quantizable(model_dir, ggml_name, shape[::-1] if ggml_name.endswith("/w") else shape)
+    for ggml_name, st_name, st_file in plan:
+        shape, dtype = stored_shape_and_dtype(ggml_name, st_name, st_file)
+        if dtype == np.float16:
+            _check_quantizable(model_dir, ggml_name, shape)
 
 
 def _ggml_array(ggml_name: str, tensor: torch.Tensor) -> np.ndarray:
-    """llm-rs's converter: Conv1D weights transposed to (out, in); 2-D weights in f16, the rest f32."""
+    """llm-rs's converter: Conv1D weights transposed to (out, in), dtypes as `_stored_dtype`."""
     if ggml_name.endswith("/w"):
         tensor = tensor.T
-    dtype = torch.float16 if tensor.ndim == 2 and ggml_name != "model/wpe" else torch.float32
+    dtype = _stored_dtype(ggml_name, tensor.ndim)
     out = tensor.to(dtype).contiguous()
     # In row blocks: a whole-tensor isfinite would allocate float32 and bool copies of it.
     if not all(torch.isfinite(rows).all() for rows in out.split(4096)):
@@ -274,7 +378,7 @@ def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
     config = json.loads((model_dir / "config.json").read_text())
     _check_config(model_dir, config)
     check_safetensors(model_dir)
-    plan = _tensor_plan(model_dir, config)
+    plan = tensor_plan(model_dir, config)
     _check_shapes(model_dir, plan)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     try:
@@ -294,10 +398,7 @@ def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
             f.write(struct.pack("<I", len(token)))
             f.write(token)
         for ggml_name, st_name, st_file in plan:
-            # Opened per tensor: a safetensors memory map keeps every page it touched
-            # resident until closed, which would grow RSS to the whole shard.
-            with safe_open(st_file, framework="pt") as st:
-                data = _ggml_array(ggml_name, st.get_tensor(st_name))
+            data = load_tensor(ggml_name, st_name, st_file)
             ggml_type = GGMLQuantizationType.F16 if data.dtype == np.float16 else GGMLQuantizationType.F32
             _write_tensor_header(f, ggml_name, ggml_type, data.shape)
             data.tofile(f)
@@ -342,7 +443,8 @@ def read_hparams(path: Path) -> GGMLHparams:
 
 
 def read_ggml(path: Path) -> GGMLFile:
-    """Parse a GPT-2 GGML file; tensor data are memory-mapped views, read only when used.
+    """Parse a GPT-2 GGML file's header, vocabulary and tensor index; tensor data are read
+    only when asked for (`GGMLTensor`).
 
     A truncated or cut file fails here, naming where it ends, before llm-rs (which aborts the
     whole process on a bad file) or any other work sees it.
@@ -389,7 +491,7 @@ def read_ggml(path: Path) -> GGMLFile:
         block, block_bytes = GGML_QUANT_SIZES[ggml_type]
         nbytes = int(np.prod(ne, dtype=np.int64)) // block * block_bytes
         need(nbytes, f"tensor {name}")
-        tensors[name] = GGMLTensor(name, ggml_type, tuple(ne), buf[pos : pos + nbytes])
+        tensors[name] = GGMLTensor(name, ggml_type, tuple(ne), path, pos, nbytes)
         pos += nbytes
     missing = [n for n in _gpt2_tensor_names(hparams.n_layer) if n not in tensors]
     if missing:
@@ -400,23 +502,16 @@ def read_ggml(path: Path) -> GGMLFile:
 def llm_rs_load_problems(ggml: GGMLFile) -> list[str]:
     """Why llm-rs would abort loading this file (empty when it loads), see LLM_RS_TENSOR_ALIGN."""
     return [
-        f"tensor {t.name} is {t.data.size} bytes, not a multiple of {LLM_RS_TENSOR_ALIGN}"
+        f"tensor {t.name} is {t.nbytes} bytes, not a multiple of {LLM_RS_TENSOR_ALIGN}"
         for t in ggml.tensors.values()
-        if t.data.size % LLM_RS_TENSOR_ALIGN
+        if t.nbytes % LLM_RS_TENSOR_ALIGN
     ]
 
 
 def file_figures(path: Path, f16_path: Path) -> dict:
-    """Size, bits per stored weight (file bits over tensor elements), ratio to the f16 file, sha256."""
+    """`artifacts.weights_file_figures` of a GGML file."""
     elements = sum(int(np.prod(t.ne, dtype=np.int64)) for t in read_ggml(path).tensors.values())
-    size = Path(path).stat().st_size
-    return {
-        "size_bytes": size,
-        "parameters": elements,
-        "bits_per_weight": 8 * size / elements,
-        "ratio_to_f16": size / Path(f16_path).stat().st_size,
-        "sha256": sha256_file(path),
-    }
+    return weights_file_figures(path, f16_path, elements)
 
 
 def iter_hf_state_dict(ggml: GGMLFile) -> Iterator[tuple[str, torch.Tensor]]:
@@ -435,14 +530,13 @@ def iter_hf_state_dict(ggml: GGMLFile) -> Iterator[tuple[str, torch.Tensor]]:
             hf = f"transformer.h.{layer}.{hf_block[rest]}"
         if name.endswith("/w"):
             array = array.T  # back to Conv1D's (in, out)
-        if not array.flags.writeable:  # f32 tensors are views into the read-only file map
-            array = array.copy()
         yield hf, torch.from_numpy(np.ascontiguousarray(array))
 
 
 def ggml_to_hf_model(path: Path, model_dir: Path):
     """An HF GPT2LMHeadModel (architecture from `model_dir`'s config) carrying the GGML file's
-    own, dequantized weights — what perplexity of a quantized file is measured on."""
+    own, dequantized weights, whole and in float32 (52 GB for 13B): the independent reference
+    the tests hold the streamed evaluation (`evaluate.target_logprobs`) to."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config.from_pretrained(model_dir)

@@ -1,4 +1,4 @@
-"""Packed batches with exact per-chat attention (DESIGN §7).
+"""Packed batches with exact per-chat attention (docs/ARCHITECTURE.md, "Training").
 
 Chats are packed into rows of at most ``pack_tokens`` tokens (best-fit decreasing, so rows are
 nearly full). Inside a row every chat keeps its own positions (0, 1, …) and attends only to
@@ -103,20 +103,28 @@ class Batch:
         implementations that do not use them ignore them."""
         length = self.input_ids.shape[1]  # bounds every segment: no host sync, one shape
         bounds = self.cu_seq_lens
+        # The number of chats changes from batch to batch: compile for any (no recompilation).
+        torch._dynamo.maybe_mark_dynamic(bounds, 0)
         return dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=length, max_length_k=length)
 
 
-def collate(rows: Sequence[Row], filler_id: int) -> Batch:
-    """Right-pad the rows to the longest one.
+def collate(rows: Sequence[Row], filler_id: int, shape: tuple[int, int] | None = None) -> Batch:
+    """Right-pad the rows to the longest one, or to ``shape`` (rows, length): then padding rows
+    (filler only, no labels) complete a short micro-batch, so every micro-batch of a run has one
+    shape and compiled code never meets a new one.
 
     Padding slots hold ``filler_id`` rather than the pad id: their value never matters (own
     segment, no labels), and a pad id in an unmasked batch makes transformers warn that an
     attention_mask is missing.
     """
-    length = max(sum(len(chat) for chat in row) for row in rows)
-    input_ids = torch.full((len(rows), length), filler_id, dtype=torch.long)
-    position_ids = torch.empty((len(rows), length), dtype=torch.long)
-    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    longest = max(sum(len(chat) for chat in row) for row in rows)
+    n_rows, length = shape or (len(rows), longest)
+    if len(rows) > n_rows or longest > length:
+        raise ValueError(f"{len(rows)} rows of up to {longest} tokens do not fit the batch shape {shape}")
+    rows = [*rows, *([[]] * (n_rows - len(rows)))]
+    input_ids = torch.full((n_rows, length), filler_id, dtype=torch.long)
+    position_ids = torch.empty((n_rows, length), dtype=torch.long)
+    targets = torch.full((n_rows, length), IGNORE_INDEX, dtype=torch.long)
     n_tokens, starts = 0, []
     for b, row in enumerate(rows):
         t = 0
@@ -132,7 +140,7 @@ def collate(rows: Sequence[Row], filler_id: int) -> Batch:
         position_ids[b, t:] = torch.arange(length - t)
         n_tokens += t
     n_targets = int((targets != IGNORE_INDEX).sum())
-    cu_seq_lens = torch.tensor([*starts, len(rows) * length], dtype=torch.int32)
+    cu_seq_lens = torch.tensor([*starts, n_rows * length], dtype=torch.int32)
     return Batch(input_ids, position_ids, targets, n_tokens, n_targets, cu_seq_lens)
 
 

@@ -20,7 +20,7 @@ from rugpt_assets.core import ggml
 
 # Perplexity bound of the asset check, relative to the f16 file's perplexity:
 #     max increase = SAFETY_FACTOR * published increase + NOISE_SLACK
-# The published figures (llama.cpp, LLaMA-13B, wikitext; DESIGN §5) are what a 13B model
+# The published figures (llama.cpp, LLaMA-13B, wikitext; docs/ARCHITECTURE.md, "GGML files") are what a 13B model
 # loses. A LoRA-tuned ruGPT-3.5-13B should land near them; a factor of 3 leaves room for
 # another model family and text domain. The slack covers the evaluation itself: a few dozen
 # validation chats, where a tiny model's delta is first-order noise of either sign (the demo
@@ -29,6 +29,12 @@ from rugpt_assets.core import ggml
 # any of these bounds (Q4_0 9.5 %, Q8_0 2.03 %).
 SAFETY_FACTOR = 3.0
 NOISE_SLACK = 0.02
+
+
+def max_ppl_increase(published_ppl_increase: float) -> float:
+    """An asset check's bound on perplexity / f16 perplexity - 1 for a type with this published
+    cost (see SAFETY_FACTOR); GGML and GGUF types alike."""
+    return SAFETY_FACTOR * published_ppl_increase + NOISE_SLACK
 
 
 class QuantType(enum.Enum):
@@ -62,8 +68,7 @@ class QuantType(enum.Enum):
 
     @property
     def max_ppl_increase(self) -> float:
-        """The asset check's bound on perplexity / f16 perplexity - 1 (see SAFETY_FACTOR)."""
-        return SAFETY_FACTOR * self.published_ppl_increase + NOISE_SLACK
+        return max_ppl_increase(self.published_ppl_increase)
 
 
 @dataclass(frozen=True)

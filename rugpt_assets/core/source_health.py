@@ -1,8 +1,10 @@
 """Is a source snapshot fit to train on? The verdict behind the blocking check on each `raw_<name>`.
 
 A hub schema change (a renamed column, a renamed role) does not stop a snapshot: normalization
-rejects the rows that no longer fit and counts them. Two signs tell such a change from the odd
-bad row: the reject rate, and the rows kept falling against the last healthy snapshot. The
+counts the rows that no longer fit, whether it leaves them out (no path of the recipe can read
+them) or keeps them for the recipe to reject (`sources.normalize_rows`). Two signs tell such a
+change from the odd bad row: the reject rate (both kinds, over the rows read), and the rows kept
+falling against the last healthy snapshot. The
 verdict is written into the snapshot's own set (``health.json``), so the check reads exactly
 what was published and the next snapshot finds its baseline there.
 """
@@ -27,21 +29,31 @@ class EmptySourceError(ValueError):
 class SourceHealth:
     rows_read: int
     rows_kept: int
-    rejected: dict[str, int]  # reason -> count
+    rejected: dict[str, int]  # reason -> rows left out
     reject_examples: list[str]
     # Rows kept by the last snapshot that passed; None for the first snapshot.
     baseline_rows: int | None
     max_reject_rate: float
     max_row_drop: float
     problems: list[str] = field(default_factory=list)
+    misfits: dict[str, int] = field(default_factory=dict)  # reason -> rows kept that the recipe rejects
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        """Every reason a row was left out or does not fit, with its count."""
+        return dict(sorted((self.rejected | self.misfits).items()))
 
     @property
     def passed(self) -> bool:
         return not self.problems
 
     @property
+    def rows_unfit(self) -> int:
+        return self.rows_read - self.rows_kept + sum(self.misfits.values())
+
+    @property
     def reject_rate(self) -> float:
-        return (self.rows_read - self.rows_kept) / self.rows_read if self.rows_read else 0.0
+        return self.rows_unfit / self.rows_read if self.rows_read else 0.0
 
     @property
     def row_drop(self) -> float:
@@ -67,16 +79,17 @@ def assess(snapshot: Snapshot, previous: SourceHealth | None, config: SourceHeal
         rows_read=snapshot.rows_read,
         rows_kept=snapshot.rows_kept,
         rejected=dict(sorted(snapshot.rejected.items())),
-        reject_examples=list(snapshot.reject_examples),
+        reject_examples=[*snapshot.reject_examples, *snapshot.misfit_examples],
         baseline_rows=baseline,
         max_reject_rate=config.max_reject_rate,
         max_row_drop=config.max_row_drop,
+        misfits=dict(sorted(snapshot.misfits.items())),
     )
     problems = []
     if health.reject_rate > config.max_reject_rate:
-        reasons = ", ".join(f"{reason} {n}" for reason, n in health.rejected.items())
+        reasons = ", ".join(f"{reason} {n}" for reason, n in health.reasons.items())
         problems.append(
-            f"reject rate {health.reject_rate:.1%} ({health.rows_read - health.rows_kept} of {health.rows_read} rows: "
+            f"reject rate {health.reject_rate:.1%} ({health.rows_unfit} of {health.rows_read} rows: "
             f"{reasons}) is above the bound {config.max_reject_rate:.1%}; first ones: {'; '.join(health.reject_examples[:3])}"
         )
     if baseline and health.row_drop > config.max_row_drop:

@@ -4,14 +4,24 @@ Rows come either from the offline hub layout (``<sources_dir>/<owner>__<name>/<s
 one hub row per line) or from the hub through ``datasets``. Whatever form they arrive in,
 `normalize_rows` turns them into one plain shape, which is the contract with the chat recipe:
 
-- text columns are ``str`` (a null reads as ``""`` only in columns where the hub has nulls);
-- message lists are ``[{"role": str, "content": str}, ...]``, whether the row held a list of
-  objects or the hub's flattened ``{"role": [...], "content": [...]}``;
-- roleplay ``dialogues`` are ``[{"chat": [messages]}, ...]``, ``example_dialogue`` a message list.
+- every column the recipe uses is present; a row that lacks one holds ``None`` there, as
+  ``datasets`` gives it;
+- message lists are lists of message objects, whether the row held a list of objects or the
+  hub's flattened ``{"role": [...], "content": [...]}``; the objects are kept whole;
+- roleplay ``dialogues`` are ``[{"chat": [message objects]}, ...]``.
 
-A row that does not fit is skipped and counted by reason (``malformed_json``, ``not_utf8``,
-``line_too_long``, ``missing_column:<col>``, ``wrong_type:<col>``, ``unknown_role:<role>``,
-``not_an_object``); one bad row never stops a snapshot (`source_health` judges the rate).
+Values are not judged here: rulm reads a field only on the path it takes (an alpaca ``output``
+only when the alternative answer is bad, an example dialogue only on some draws), so the recipe
+judges each value where it reads it. What is rejected here, counted by reason, is what no path
+can read: ``malformed_json``, ``not_utf8``, ``line_too_long``, ``not_an_object``, and
+``wrong_type:<col>`` for a message list or dialogue list that is not one. One bad row never
+stops a snapshot.
+
+Rows that are kept but do not fit the source's schema are counted too, by their first misfit
+(``missing_column:<col>``: the row lacks the column, not a null in it; ``unknown_role:<role>``:
+a message list the recipe always reads holds a role the source does not use). The recipe
+rejects such rows; a hub schema change (a renamed column, a renamed role) shows as many of
+them, which `source_health` judges before the recipe runs.
 """
 
 from __future__ import annotations
@@ -19,15 +29,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from rugpt_assets.core.artifacts import read_jsonl, sha256_file, write_jsonl
-
-CHAT_ROLES = frozenset({"user", "bot", "system"})
-ROLEPLAY_ROLES = frozenset({"user", "char", "operator"})
-EXAMPLE_DIALOGUE_ROLES = frozenset({"user", "char"})
 
 SNAPSHOT_FILE = "rows.jsonl"
 MAX_REJECT_EXAMPLES = 10
@@ -38,10 +44,11 @@ MAX_LINE_BYTES = 16 << 20
 @dataclass(frozen=True)
 class Column:
     name: str
-    kind: Literal["text", "messages", "dialogues"] = "text"
-    # The hub has nulls in this text column; they read as "".
-    nullable: bool = False
-    # Roles allowed in a message list ("dialogues": in each chat).
+    kind: Literal["value", "messages", "dialogues"] = "value"
+    # False: the recipe reads this message list only on some paths, so a value that is not one
+    # is kept as it is and judged there.
+    always_read: bool = True
+    # The roles this source's message lists (each dialogue's chat) hold; empty: not checked.
     roles: frozenset[str] = frozenset()
 
 
@@ -60,16 +67,18 @@ class SourceSpec:
         return Path(sources_dir) / self.local_dirname / f"{self.split}.jsonl"
 
 
+CHAT_ROLES = frozenset({"user", "bot", "system"})
+ROLEPLAY_ROLES = frozenset({"user", "char", "operator"})
+
 _MESSAGES = (Column("messages", "messages", roles=CHAT_ROLES),)
 
-# In the order the recipe consumes them (DESIGN §3).
+# In the order the recipe consumes them.
 SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec(
         "ru_instruct_gpt4",
         "lksy/ru_instruct_gpt4",
         "train",
-        # full_output is null on some hub rows; the recipe skips empty answers.
-        (Column("instruction"), Column("input", nullable=True), Column("full_output", nullable=True)),
+        (Column("instruction"), Column("input"), Column("full_output")),
     ),
     SourceSpec(
         "ru_turbo_alpaca_evol_instruct",
@@ -81,12 +90,7 @@ SOURCES: tuple[SourceSpec, ...] = (
         "ru_turbo_alpaca",
         "IlyaGusev/ru_turbo_alpaca",
         "train",
-        (
-            Column("instruction"),
-            Column("input", nullable=True),
-            Column("output"),
-            Column("alternative_output", nullable=True),
-        ),
+        (Column("instruction"), Column("input"), Column("output"), Column("alternative_output")),
     ),
     SourceSpec("ru_turbo_saiga", "IlyaGusev/ru_turbo_saiga", "train", _MESSAGES),
     SourceSpec("ru_sharegpt_cleaned", "IlyaGusev/ru_sharegpt_cleaned", "train", _MESSAGES),
@@ -99,7 +103,7 @@ SOURCES: tuple[SourceSpec, ...] = (
             Column("name"),
             Column("context"),
             Column("greeting"),
-            Column("example_dialogue", "messages", roles=EXAMPLE_DIALOGUE_ROLES),
+            Column("example_dialogue", "messages", always_read=False),
             Column("dialogues", "dialogues", roles=ROLEPLAY_ROLES),
         ),
     ),
@@ -131,6 +135,9 @@ class Snapshot:
     rejected: dict[str, int]  # reason -> count
     # "line 7: malformed_json (...)" / "row 12: wrong_type:messages", the first few, to find them.
     reject_examples: list[str]
+    # Kept rows that do not fit the schema, by first reason (module docstring), and the first few.
+    misfits: dict[str, int] = field(default_factory=dict)
+    misfit_examples: list[str] = field(default_factory=list)
 
     @property
     def rows_kept(self) -> int:
@@ -146,64 +153,78 @@ class _RowError(ValueError):
         self.reason = reason
 
 
-def _text(value: Any, column: Column) -> str:
-    if value is None and column.nullable:
-        return ""
-    if not isinstance(value, str):
+def _unflattened(columns: dict[str, Any], column: Column) -> list[dict[str, Any]]:
+    """The hub's flattened ``{key: [values]}`` back to one object per item, key by key as rulm
+    does it: the first non-empty list sets the number of objects; a shorter list leaves its key
+    out of the last objects; a longer one cannot be read."""
+    items: list[dict[str, Any]] = []
+    for key, values in columns.items():
+        if not isinstance(values, list) or (items and len(values) > len(items)):
+            raise _RowError(f"wrong_type:{column.name}")
+        if not items:
+            items = [{} for _ in values]
+        for item, value in zip(items, values):
+            item[key] = value
+    return items
+
+
+def _objects(value: Any, column: Column) -> list[dict[str, Any]]:
+    """A list of objects from its list form or the hub's flattened form."""
+    items = _unflattened(value, column) if isinstance(value, dict) else value
+    if not (isinstance(items, list) and all(isinstance(item, dict) for item in items)):
         raise _RowError(f"wrong_type:{column.name}")
-    return value
+    return [dict(item) for item in items]
 
 
-def _records(value: Any, column: Column) -> list[Any]:
-    """A list of objects from its list form or the hub's flattened ``{key: [values]}`` form."""
-    if isinstance(value, list):
+def _messages(value: Any, column: Column) -> Any:
+    try:
+        return _objects(value, column)
+    except _RowError:
+        if column.always_read:
+            raise
         return value
-    if isinstance(value, dict):
-        lists = list(value.values())
-        if all(isinstance(v, list) for v in lists) and len({len(v) for v in lists}) <= 1:
-            return [dict(zip(value, items)) for items in zip(*lists)]
-    raise _RowError(f"wrong_type:{column.name}")
 
 
-def _messages(value: Any, column: Column) -> list[dict[str, str]]:
-    messages = []
-    for m in _records(value, column):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise _RowError(f"wrong_type:{column.name}")
-        if m["role"] not in column.roles:
-            raise _RowError(f"unknown_role:{m['role']}")
-        messages.append({"role": m["role"], "content": m["content"]})
-    return messages
-
-
-def _dialogues(value: Any, column: Column) -> list[dict[str, list[dict[str, str]]]]:
+def _dialogues(value: Any, column: Column) -> list[dict[str, list[dict[str, Any]]]]:
     dialogues = []
-    for d in _records(value, column):
-        if not (isinstance(d, dict) and "chat" in d):
+    for d in _objects(value, column):
+        if "chat" not in d:
             raise _RowError(f"wrong_type:{column.name}")
-        dialogues.append({"chat": _messages(d["chat"], column)})
+        dialogues.append({"chat": _objects(d["chat"], column)})
     return dialogues
 
 
-_READ_COLUMN = {"text": _text, "messages": _messages, "dialogues": _dialogues}
+_READ_COLUMN = {"value": lambda value, column: value, "messages": _messages, "dialogues": _dialogues}
 
 
 def _normalize_row(spec: SourceSpec, raw: Any) -> dict[str, Any]:
     """The used columns of one raw row, normalized; a misfit raises `_RowError` with its reason."""
     if not isinstance(raw, dict):
         raise _RowError("not_an_object")
-    row = {}
+    return {column.name: _READ_COLUMN[column.kind](raw.get(column.name), column) for column in spec.columns}
+
+
+def _misfit(spec: SourceSpec, raw: dict[str, Any], row: dict[str, Any]) -> str | None:
+    """The first way a kept row does not fit the source's schema (module docstring), or None."""
     for column in spec.columns:
         if column.name not in raw:
-            raise _RowError(f"missing_column:{column.name}")
-        row[column.name] = _READ_COLUMN[column.kind](raw[column.name], column)
-    return row
+            return f"missing_column:{column.name}"
+    for column in spec.columns:
+        if not column.roles:
+            continue
+        chats = [d["chat"] for d in row[column.name]] if column.kind == "dialogues" else [row[column.name]]
+        for role in (m.get("role") for chat in chats for m in chat):
+            if not (isinstance(role, str) and role in column.roles):
+                return f"unknown_role:{role}"
+    return None
 
 
 def normalize_rows(spec: SourceSpec, raw_rows: Iterable[dict | RawLineError]) -> Snapshot:
     rows: list[dict[str, Any]] = []
     rejected: Counter[str] = Counter()
+    misfits: Counter[str] = Counter()
     examples: list[str] = []
+    misfit_examples: list[str] = []
     n = 0
     for n, raw in enumerate(raw_rows, 1):
         if isinstance(raw, RawLineError):
@@ -211,13 +232,18 @@ def normalize_rows(spec: SourceSpec, raw_rows: Iterable[dict | RawLineError]) ->
         else:
             try:
                 rows.append(_normalize_row(spec, raw))
-                continue
             except _RowError as e:
                 reason, where = e.reason, f"row {n}: {e.reason}"
+            else:
+                if misfit := _misfit(spec, raw, rows[-1]):
+                    misfits[misfit] += 1
+                    if len(misfit_examples) < MAX_REJECT_EXAMPLES:
+                        misfit_examples.append(f"row {n}: {misfit}")
+                continue
         rejected[reason] += 1
         if len(examples) < MAX_REJECT_EXAMPLES:
             examples.append(where)
-    return Snapshot(rows=rows, rows_read=n, rejected=dict(rejected), reject_examples=examples)
+    return Snapshot(rows, n, dict(rejected), examples, dict(misfits), misfit_examples)
 
 
 # --- readers ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of the GPT-2 base on the chat set (DESIGN §4, §7): a plain loop, not HF Trainer.
+"""LoRA fine-tuning of the GPT-2 base on the chat set (docs/ARCHITECTURE.md, "Training"): a plain loop, not HF Trainer.
 
 Run ``python -m rugpt_assets.core.train --config job.json`` (under ``torchrun --nproc_per_node N``
 for DDP), or call `train_lora` in-process. ``job.json`` holds the `TrainJob` paths and a
@@ -7,11 +7,11 @@ set), rank 0 streams progress lines and the final materialization metadata back;
 progress goes to stdout. ``output_dir/metrics.json`` holds the same numbers either way.
 
 Resume. The latest checkpoint lives in ``runs_dir/<run key>/checkpoint/`` (LoRA weights, optimizer,
-scheduler, grad scaler, step, history), replaced at each save by the publication rule. The run key hashes the TrainConfig, the world size, the
-bytes of the train/val files and the base model directory's file names, sizes and modification
-times (an identity, not a content hash: rewriting the base model starts afresh rather than
-hashing 26 GB). A run with the same key continues from its latest checkpoint; anything else
-starts fresh. Data order and dropout masks are functions of (seed, step, rank), so the step is
+scheduler, grad scaler, step, history), replaced at each save by the publication rule. The run key
+hashes the TrainConfig, the world size, the bytes of the train/val files and the base model's
+content hash (the one its snapshot manifest recorded, see `base_model`; hashed from the files
+when there is no manifest). A run with the same key continues from its latest checkpoint;
+anything else starts fresh. Data order and dropout masks are functions of (seed, step, rank), so the step is
 all the data position and RNG state a resumed run needs to repeat the uninterrupted one.
 
 Loss. Every optimizer step averages next-token cross-entropy over all target tokens of its
@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -49,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from rugpt_assets.core import base_model
 from rugpt_assets.core.artifacts import (
     check_safetensors,
     collect,
@@ -59,7 +61,7 @@ from rugpt_assets.core.artifacts import (
     sha256_file,
 )
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
-from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
+from rugpt_assets.core.configs import TRAIN_CONFIG_FILE, TrainConfig, from_dict, to_dict
 from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class TrainJob:
     base_model_dir: Path
     train_path: Path  # jsonl rows {"messages": [{"role", "content"}, ...], "source": ...}
     val_path: Path
-    output_dir: Path  # the adapter, written atomically
+    output_dir: Path  # the adapter, published as one set (artifacts.publish_dir)
     runs_dir: Path  # checkpoints, one subdirectory per run key
     config: TrainConfig = field(default_factory=TrainConfig)
 
@@ -170,7 +172,7 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig:
-    # GPT-2's Conv1D stores weights transposed: fan_in_fan_out (DESIGN §4).
+    # GPT-2's Conv1D stores weights transposed: fan_in_fan_out (docs/ARCHITECTURE.md, "Training").
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -269,6 +271,14 @@ def make_rows(chats: Sequence[TokenizedChat], cfg: TrainConfig) -> list[Row]:
     return [[chats[i] for i in row] for row in pack([len(c) for c in chats], cfg.pack_tokens)]
 
 
+def batch_shape(cfg: TrainConfig) -> tuple[int, int] | None:
+    """The one micro-batch shape of a run with compiled blocks and packing: ``pack_tokens`` long,
+    short micro-batches completed with padding rows. Compiled blocks recompile for every new
+    shape (and after the first, compile for any shape, which is slower); eager runs pad only to
+    the longest row, which costs less."""
+    return (cfg.per_device_batch_size, cfg.pack_tokens) if cfg.packing and cfg.compile_blocks else None
+
+
 def rank_batches(chats: Sequence[TokenizedChat], cfg: TrainConfig, rt: Runtime) -> list[list[Row]]:
     """This rank's share of ``chats`` as micro-batches of ``per_device_batch_size`` rows."""
     rows = make_rows(chats[rt.rank :: rt.world_size], cfg)
@@ -344,13 +354,20 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[Sequence[Row]], filler_id: int, rt: Runtime) -> float:
-    """Mean next-token loss over all target tokens of every rank's ``batches``."""
+def evaluate(
+    model: torch.nn.Module,
+    batches: Sequence[Sequence[Row]],
+    filler_id: int,
+    rt: Runtime,
+    shape: tuple[int, int] | None = None,
+) -> float:
+    """Mean next-token loss over all target tokens of every rank's ``batches`` (collated to
+    ``shape``, see `batch_shape`)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)
     for rows in batches:
-        batch = collate(rows, filler_id).to(rt.device)
+        batch = collate(rows, filler_id, shape).to(rt.device)
         sums[0] += loss_sum(model, batch, rt)
         sums[1] += batch.n_targets
     if rt.distributed:
@@ -363,17 +380,15 @@ def evaluate(model: torch.nn.Module, batches: Sequence[Sequence[Row]], filler_id
 
 
 def run_key(job: TrainJob, world_size: int) -> str:
-    base = sorted(
-        (p.relative_to(job.base_model_dir).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in job.base_model_dir.rglob("*")
-        if p.is_file()
-    )
+    """What a training is a function of, by content: settings, world size, the chat files' bytes
+    and the base model's content hash. No paths or timestamps: rewriting identical inputs (or
+    reading them from another storage root) finds the same checkpoints."""
     identity = {
         "config": to_dict(job.config),
         "world_size": world_size,
         "train": sha256_file(job.train_path),
         "val": sha256_file(job.val_path),
-        "base_model": base,
+        "base_model": base_model.content_sha256(job.base_model_dir),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -504,7 +519,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict[str, Any], png: bytes) -> None:
     """adapter_config.json, adapter_model.safetensors, tokenizer, generation_config.json (from the
-    base), metrics.json and loss_curve.png; checked, then renamed into place."""
+    base), the TrainConfig (train_config.json), metrics.json and loss_curve.png; checked, then
+    published."""
     with publish_dir(job.output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -513,6 +529,7 @@ def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict
             shutil.copy2(generation, tmp / generation.name)
         (tmp / "loss_curve.png").write_bytes(png)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(to_dict(job.config), indent=2, ensure_ascii=False), encoding="utf-8")
         saved = load_file(tmp / "adapter_model.safetensors")
         if len(saved) != len(trainable(model)) or not all(t.isfinite().all() for t in saved.values()):
             raise RuntimeError(f"adapter written to {tmp} is incomplete or not finite")
@@ -550,7 +567,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
             "processes): lower those or add data"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * plan.steps_per_epoch))
-    val_batches = rank_batches(val_chats, cfg, rt)
+    val_batches, shape = rank_batches(val_chats, cfg, rt), batch_shape(cfg)
     run, key = open_run(job, rt)
 
     model = load_lora_model(job.base_model_dir, cfg, rt)
@@ -562,7 +579,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         reporter.log(f"resuming from {latest[0]} (step {state['step']})")
     else:
         with model.disable_adapter():  # LoRA B starts at 0 anyway: this is the untouched base
-            base_eval_loss = evaluate(model, val_batches, filler_id, rt)
+            base_eval_loss = evaluate(model, val_batches, filler_id, rt, shape)
         state = {"run_key": key, "step": 0, "base_eval_loss": base_eval_loss, "losses": [], "evals": []}
         state |= {"tokens_seen": 0, "train_time_s": 0.0}
     resumed_from_step = state["step"]
@@ -580,7 +597,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         torch.manual_seed(cfg.seed + step * rt.world_size + rt.rank)  # dropout masks: a function of the step
         t0 = time.perf_counter()
         chats = plan.step_chats(step)
-        batches = [collate(rows, filler_id).to(rt.device) for rows in rank_batches(chats, cfg, rt)]
+        batches = [collate(rows, filler_id, shape).to(rt.device) for rows in rank_batches(chats, cfg, rt)]
         lr = optimizer.param_groups[0]["lr"]
         n_targets, tokens = sum(c.n_targets for c in chats), sum(len(c) for c in chats)
         loss, grad_norm = train_step(ddp, optimizer, scheduler, scaler, batches, n_targets, cfg, rt)
@@ -595,7 +612,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         )
         last = step + 1 == total_steps
         if (step + 1) % cfg.eval_steps == 0 or last:
-            state["evals"].append([step + 1, evaluate(model, val_batches, filler_id, rt)])
+            state["evals"].append([step + 1, evaluate(model, val_batches, filler_id, rt, shape)])
             reporter.log(f"step {step + 1} eval loss {state['evals'][-1][1]:.4f}")
         if rt.is_main and ((step + 1) % cfg.save_steps == 0 or last):
             save_checkpoint(run, model, optimizer, scheduler, scaler, state)
@@ -639,11 +656,27 @@ def _rank_divergence(model: torch.nn.Module, rt: Runtime) -> float:
     return max((g - flat).abs().max().item() for g in gathered)
 
 
+def exit_with_launcher(poll_s: float = 1.0) -> None:
+    """End this process once the one that started it (the Dagster run worker, torchrun's agent,
+    a shell) is gone. A trainer left running alone holds the GPU and keeps writing checkpoints
+    into the run directory that the next run of the same job resumes from."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        log.error("the process that started this trainer (pid %d) is gone: exiting", launcher)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="LoRA-tune a GPT-2 base on chat jsonl files.")
     parser.add_argument("--config", type=Path, required=True, help="job JSON: TrainJob paths and 'train' settings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
+    exit_with_launcher()
     job = TrainJob.from_json(args.config)
     if os.environ.get("DAGSTER_PIPES_CONTEXT") and int(os.environ.get("RANK", "0")) == 0:
         from dagster_pipes import open_dagster_pipes

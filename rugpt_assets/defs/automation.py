@@ -1,10 +1,14 @@
 """Retrain when a dataset changes, and only then.
 
 A new data version of any `hf/<name>` source (observed on a schedule) or a new recipe
-`code_version` makes the downstream assets eligible; one automation tick requests the whole
-chain, which runs in dependency order. Storm guards: nothing is requested while it (or one of
-its parents) is in progress, the `gpu` pool runs one training at a time, and `lora_adapter`
-waits at least `RUGPT_MIN_RETRAIN_HOURS` after its last materialization.
+`code_version` makes the downstream assets eligible. Each code location has its own sensor, and
+a run never spans two locations, so the chain runs as one run per stretch of a location, each
+requested once the stretch before it has been materialized: `raw_<name>` + `chat_set` (CPU),
+then `lora_adapter` (GPU), then `merged_model` + `ggml_f16` (CPU), then one run per
+`ggml_quantized` partition. Storm guards: nothing is requested while it (or one of its parents)
+is in progress, nothing is built on a parent whose blocking check failed, the `gpu` pool runs
+one training at a time, and `lora_adapter` waits at least `RUGPT_MIN_RETRAIN_HOURS` after its
+last materialization.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ class MaterializedLongAgo(dg.AutomationCondition):
 
 def retrain_condition() -> dg.AutomationCondition:
     """Eager on new parent data, plus a one-shot request when this asset's code version changes;
-    never from a parent whose blocking checks failed (an unhealthy source snapshot)."""
+    never on a parent whose latest blocking check failed (an unhealthy source snapshot stops
+    chat_set; `lora_adapter`'s eval-loss check stops the export, although the export runs in
+    another code location than the training)."""
     return (
         dg.AutomationCondition.eager()
         | (
@@ -65,11 +71,21 @@ def observe_cron() -> str:
     return os.environ.get("RUGPT_OBSERVE_CRON", DEFAULT_OBSERVE_CRON)
 
 
-automation_sensor = dg.AutomationConditionSensorDefinition(
+# One sensor per code location: a sensor only requests the assets of its own location.
+cpu_automation_sensor = dg.AutomationConditionSensorDefinition(
     "retrain_on_new_data",
     target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
-    use_user_code_server=True,
-    description="Evaluates every asset's automation condition; runs by default.",
+    # Evaluated by the daemon (the default), on the whole workspace's asset graph: that is
+    # where the GPU location's blocking check on `lora_adapter` is visible to `merged_model`.
+    description="Evaluates the automation condition of every asset of this (CPU) code location; runs by default.",
+)
+gpu_automation_sensor = dg.AutomationConditionSensorDefinition(
+    "train_on_new_data",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    use_user_code_server=True,  # MaterializedLongAgo is evaluated in the code server
+    description="Evaluates `lora_adapter`'s automation condition (retrain, rate-limited); runs by default.",
 )

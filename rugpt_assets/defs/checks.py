@@ -6,16 +6,21 @@ import dagster as dg
 from rugpt_assets import settings
 from rugpt_assets.core import evaluate
 from rugpt_assets.core.chat_template import render_prompt
+from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
 from rugpt_assets.core.quantize import QuantType
-from rugpt_assets.defs.export import ggml_f16, ggml_quantized, perplexity_delta, quant_partitions, read_evaluation
+from rugpt_assets.defs.export import ggml_f16, ggml_quantized, quant_partitions, system_prompt
 from rugpt_assets.defs.resources import StorageResource
 
 EXPORT = settings.active_profile().export
 
 
-def _generates(path) -> dg.AssetCheckResult:
+def _check_prompt(storage: StorageResource) -> str:
+    return render_prompt([{"role": "user", "content": EXPORT.check_prompt}], system_prompt(storage))
+
+
+def _generates(path, storage: StorageResource) -> dg.AssetCheckResult:
     model, load_s = evaluate.load_llm_rs(path, EXPORT.threads)
-    prompt = render_prompt([{"role": "user", "content": EXPORT.check_prompt}])
+    prompt = _check_prompt(storage)
     out = evaluate.generate(model, prompt, EXPORT.check_new_tokens, stop_at_special=False)
     return dg.AssetCheckResult(
         passed=out.new_tokens == EXPORT.check_new_tokens,
@@ -25,19 +30,18 @@ def _generates(path) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset=ggml_f16, blocking=True, description="Loads in llm-rs and generates tokens.")
 def ggml_f16_generates(storage: StorageResource) -> dg.AssetCheckResult:
-    return _generates(storage.layout.ggml_f16)
+    return _generates(storage.layout.ggml_f16, storage)
 
 
 @dg.asset_check(
     asset=ggml_f16,
     blocking=True,
-    description="llm-rs greedy output (top_k=1) equals the merged HF model's for a fixed prompt.",
+    description="llm-rs greedy output (top_k=1) equals the merged model's for a fixed prompt.",
 )
 def ggml_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResult:
     layout = storage.layout
-    prompt = render_prompt([{"role": "user", "content": EXPORT.check_prompt}])
     agreement = evaluate.greedy_agreement(
-        layout.ggml_f16, layout.merged_model, prompt, EXPORT.check_new_tokens, EXPORT.threads
+        layout.ggml_f16, layout.merged_model, _check_prompt(storage), EXPORT.check_new_tokens, EXPORT.threads
     )
     return dg.AssetCheckResult(
         passed=agreement["equal"],
@@ -47,7 +51,7 @@ def ggml_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResu
 
 @dg.asset_check(asset=ggml_quantized, partitions_def=quant_partitions, description="Loads in llm-rs and generates tokens.")
 def ggml_quantized_generates(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    return _generates(storage.layout.ggml_quantized(context.partition_key))
+    return _generates(storage.layout.ggml_quantized(context.partition_key), storage)
 
 
 @dg.asset_check(

@@ -41,7 +41,7 @@ def _counts_table(summary: dict) -> dg.MetadataValue:
     code_version=chat_recipe.RECIPE_VERSION,
     automation_condition=retrain_condition(),
     description=(
-        "The rulm/Saiga chat set (rulm `create_chat_set`, Sept 2023): seven sources cleaned, "
+        "The rulm/Saiga chat set: rulm's `create_chat_set` (commit 7991597) record for record. Seven sources cleaned, "
         "near-duplicates removed, short instructions merged and mixed into Saiga chats, "
         "shuffled with seed 42 and split 95/5. Files: `<storage>/chat_set/train.jsonl`, "
         "`val.jsonl`; rows `{messages: [{role, content}], source}`."
@@ -66,6 +66,7 @@ def chat_set(
             "counts_by_source": _counts_table(summary),
             "length_stats": dg.MetadataValue.json({"chars": summary["chars"], "messages": summary["messages"]}),
             "recipe_stats": dg.MetadataValue.json(result.stats),
+            "recipe_parity": dg.MetadataValue.json(chat_recipe.recipe_parity(result)),
             "bad_substrings": len(bad),
             "preview": dg.MetadataValue.md(_chat_preview(result.train)),
             "path": dg.MetadataValue.path(str(layout.chat_set)),

@@ -1,68 +1,78 @@
-"""The export half: `ggml_f16` and one `ggml_quantized` partition per `QuantType`."""
+"""The export half: `ggml_f16` and one `ggml_quantized` partition per `QuantType`, and what
+every exported file's asset shares (the evaluation set, the table of all files)."""
 
-import json
 from pathlib import Path
 
 import dagster as dg
+from transformers import AutoTokenizer
 
 from rugpt_assets import settings
 from rugpt_assets.core import evaluate, ggml
-from rugpt_assets.core.artifacts import publish_file, published, read_jsonl
+from rugpt_assets.core.artifacts import publish_file, published, read_jsonl, require_upstream
 from rugpt_assets.core.configs import ExportConfig
+from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
+from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.quantize import QuantType, quantize_ggml
+from rugpt_assets.core.scoring import EvalSet, build_eval_set
 from rugpt_assets.defs.automation import retrain_condition
+from rugpt_assets.defs.data import chat_set
 from rugpt_assets.defs.model import merged_model
 from rugpt_assets.defs.resources import StorageResource, metadata_table
 
-ExportRunConfig = settings.launchpad_config("ExportRunConfig", settings.active_profile().export)
+PROFILE = settings.active_profile()
+ExportRunConfig = settings.launchpad_config("ExportRunConfig", PROFILE.export)
 
 quant_partitions = dg.StaticPartitionsDefinition([q.name for q in QuantType])
 
 
-def evaluation_path(ggml_path: Path) -> Path:
-    """Each file's numbers sit beside it, so the f16 table and the quant deltas can read them."""
-    return ggml_path.with_suffix(".eval.json")
+def system_prompt(storage: StorageResource) -> str:
+    """The system prompt the adapter was trained with (the profile's if it recorded none)."""
+    return evaluate.trained_system_prompt(storage.layout.lora_adapter, PROFILE.train.system_prompt)
 
 
-def read_evaluation(ggml_path: Path) -> dict:
-    return json.loads(evaluation_path(ggml_path).read_text())
-
-
-def perplexity_delta(numbers: dict, f16_numbers: dict) -> float:
-    """Relative perplexity change against f16: what the per-type bound limits."""
-    return numbers["perplexity"] / f16_numbers["perplexity"] - 1
-
-
-def _evaluate(path: Path, f16_path: Path, storage: StorageResource, export: ExportConfig) -> dict:
-    """Evaluate a staged file and write its numbers beside it, into the set being published."""
+def eval_set_of(storage: StorageResource, export: ExportConfig) -> EvalSet:
+    """The validation chats as the adapter was trained on them (its own system prompt)."""
     layout = storage.layout
-    val_chats = list(read_jsonl(layout.chat_set / "val.jsonl"))
-    numbers = evaluate.evaluate_ggml_file(path, layout.merged_model, val_chats, export, f16_path=f16_path)
-    evaluation_path(path).write_text(json.dumps(numbers, ensure_ascii=False, indent=2))
-    return numbers
+    tokenizer = AutoTokenizer.from_pretrained(layout.merged_model, trust_remote_code=False)
+    val_chats = read_jsonl(layout.chat_set / "val.jsonl")
+    return build_eval_set(val_chats, tokenizer, export.eval_max_tokens, system_prompt(storage), export.eval_chats)
 
 
-def _quant_table(storage: StorageResource) -> dg.MetadataValue:
-    """Size, speed and perplexity of every file materialized so far, f16 first."""
+def exported_files(storage: StorageResource) -> list[tuple[str, str, Path]]:
+    """(format, type, path) of every file the export assets can write, each format's f16 first."""
     layout = storage.layout
+    return (
+        [("GGML", "F16", layout.ggml_f16)]
+        + [("GGML", q.name, layout.ggml_quantized(q.name)) for q in QuantType]
+        + [("GGUF", "F16", layout.gguf_f16)]
+        + [("GGUF", t.name, layout.gguf_quantized(t.name)) for t in GGUFType]
+    )
+
+
+def quant_table(storage: StorageResource) -> dg.MetadataValue:
+    """Size, speed, perplexity and KL to its format's f16 of every GGML and GGUF file
+    materialized so far. Tokens/s are measured with the same thread count (ExportConfig.threads)."""
     rows = []
-    for name, path in [("F16", layout.ggml_f16)] + [(q.name, layout.ggml_quantized(q.name)) for q in QuantType]:
-        if path.exists() and evaluation_path(path).exists():
+    for container, name, path in exported_files(storage):
+        if path.exists() and evaluate.evaluation_path(path).exists():
             numbers = read_evaluation(path)
             rows.append(
                 {
+                    "format": container,
                     "type": name,
                     "size_mb": round(numbers["size_bytes"] / 2**20, 2),
                     "bits_per_weight": round(numbers["bits_per_weight"], 2),
                     "tokens_per_s": round(numbers["generation_tokens_per_s"], 1),
                     "perplexity": round(numbers["perplexity"], 4),
                     "kl_to_f16": round(numbers.get("kl_to_f16", 0.0), 6),
+                    "eval_set": numbers.get("eval_set_sha256", "")[:12],
                 }
             )
-    return metadata_table(rows, ["type", "size_mb", "bits_per_weight", "tokens_per_s", "perplexity", "kl_to_f16"])
+    columns = ["format", "type", "size_mb", "bits_per_weight", "tokens_per_s", "perplexity", "kl_to_f16", "eval_set"]
+    return metadata_table(rows, columns)
 
 
-def _file_metadata(path: Path, numbers: dict) -> dict:
+def file_metadata(path: Path, numbers: dict) -> dict:
     return {
         "size_bytes": numbers["size_bytes"],
         "bits_per_weight": numbers["bits_per_weight"],
@@ -70,38 +80,52 @@ def _file_metadata(path: Path, numbers: dict) -> dict:
         "load_time_s": numbers["load_time_s"],
         "generation_tokens_per_s": numbers["generation_tokens_per_s"],
         "perplexity": numbers["perplexity"],
+        "eval_chats": numbers["eval_chats"],
+        "eval_tokens": numbers["eval_tokens"],
+        "eval_set_sha256": numbers["eval_set_sha256"],
+        "eval_time_s": numbers["eval_time_s"],
         "sample_generation": dg.MetadataValue.md(f"```\n{numbers['sample_text']}\n```"),
         "path": dg.MetadataValue.path(str(path)),
     }
 
 
 @dg.asset(
-    deps=[merged_model],
+    deps=[merged_model, chat_set],  # chat_set: the validation chats every file is evaluated on
     group_name="export",
     kinds={"ggml"},
     owners=["team:ml"],
     pool="cpu",
     code_version=ggml.GGML_WRITER_VERSION,
-    automation_condition=retrain_condition(),
+    # New chats reach this asset through the retrain (lora_adapter → merged_model); re-exporting
+    # the old model on them first would export twice. Until then a partition run says f16 is stale.
+    automation_condition=retrain_condition().ignore(dg.AssetSelection.assets(chat_set)),
     description=(
         "The merged model as an f16 GGML file in llm-rs's container (with its `.meta` sidecar), "
-        "streamed tensor by tensor, vocabulary stored as the tokenizer's bytes. "
+        "streamed tensor by tensor, vocabulary stored as the tokenizer's bytes, then evaluated "
+        "layer by layer on `chat_set`'s validation chats (perplexity; the f16 distributions every "
+        "quantization's KL is measured against, in `model-f16.reference.npz`). "
         "File: `<storage>/ggml/model-f16.bin`. Metadata `quantizations` compares size, speed, "
-        "perplexity and KL to f16 of every GGML file; each quantization run records the updated "
-        "table as an observation of this asset (newest first under Events)."
+        "perplexity and KL to f16 of every GGML and GGUF file; each quantization run records the "
+        "updated table as an observation of this asset (newest first under Events)."
     ),
 )
 def ggml_f16(
     context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     export = settings.config_to_dataclass(config, ExportConfig)
-    path = storage.layout.ggml_f16
-    with publish_file(path) as staged:  # the file, its sidecars and its evaluation: one set
-        ggml.write_ggml_f16(storage.layout.merged_model, staged)
-        numbers = _evaluate(staged, staged, storage, export)
+    layout = storage.layout
+    require_upstream(
+        "ggml_f16", {"merged_model": [layout.merged_model / "config.json"], "chat_set": [layout.chat_set / "val.jsonl"]}
+    )
+    path = layout.ggml_f16
+    eval_set = eval_set_of(storage, export)
+    with publish_file(path) as staged:  # the file, its sidecars, its evaluation and reference: one set
+        ggml.write_ggml_f16(layout.merged_model, staged)
+        numbers, reference = evaluate.evaluate_ggml_file(staged, eval_set, export, progress=context.log.info)
+        evaluate.write_evaluation(staged, numbers, reference)
     context.log.info(f"f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
     return dg.MaterializeResult(
-        metadata={**_file_metadata(path, numbers), "quantizations": _quant_table(storage)}
+        metadata={**file_metadata(path, numbers), "quantizations": quant_table(storage)}
     )
 
 
@@ -117,8 +141,9 @@ def ggml_f16(
     backfill_policy=dg.BackfillPolicy.multi_run(1),
     description=(
         "`ggml_f16` quantized by llm-rs, one partition per type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); "
-        "partitions run side by side and never touch each other's files. "
-        "Files: `<storage>/ggml/model-<type>.bin`."
+        "partitions run side by side and never touch each other's files. Perplexity and KL are "
+        "measured against ggml_f16's evaluation on the same validation chats (same content hash), "
+        "or the run fails before quantizing. Files: `<storage>/ggml/model-<type>.bin`."
     ),
 )
 def ggml_quantized(
@@ -128,23 +153,27 @@ def ggml_quantized(
     quant = QuantType[context.partition_key]
     layout = storage.layout
     path = layout.ggml_quantized(quant.name)
+    eval_set = eval_set_of(storage, export)
+    evaluate.read_reference(layout.ggml_f16, eval_set)  # stale or missing: fail before quantizing
     f16_path = published(layout.ggml_f16)  # quantized, compared and read from one f16 version
     with publish_file(path) as staged:
         report = quantize_ggml(f16_path, quant, staged)
-        numbers = _evaluate(staged, f16_path, storage, export)
+        numbers, _ = evaluate.evaluate_ggml_file(staged, eval_set, export, f16_path, progress=context.log.info)
+        evaluate.write_evaluation(staged, numbers)
     f16 = read_evaluation(f16_path)
     delta = perplexity_delta(numbers, f16)
     context.log.info(f"{quant.name}: {report.size_bytes / 2**20:.1f} MiB, perplexity {delta:+.2%} vs f16")
     # The f16 asset's table gains this row: record it there as an observation.
-    context.log_event(dg.AssetObservation(asset_key=ggml_f16.key, metadata={"quantizations": _quant_table(storage)}))
+    context.log_event(dg.AssetObservation(asset_key=ggml_f16.key, metadata={"quantizations": quant_table(storage)}))
     return dg.MaterializeResult(
         metadata={
-            **_file_metadata(path, numbers),
+            **file_metadata(path, numbers),
             "ratio_to_f16": report.ratio_to_f16,
             "kl_to_f16": numbers["kl_to_f16"],
+            "f16_tail_mass": numbers["f16_tail_mass"],
             "quantize_time_s": report.wall_time_s,
             "perplexity_f16": f16["perplexity"],
             "perplexity_delta": delta,
-            "quantizations": _quant_table(storage),
+            "quantizations": quant_table(storage),
         }
     )

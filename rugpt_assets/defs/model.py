@@ -1,15 +1,21 @@
-"""The model half: `base_model` → `lora_adapter` (GPU pool, via Pipes) → `merged_model`."""
+"""The model half: `base_model` → `lora_adapter` (GPU pool, via Pipes) → `merged_model`.
+
+`lora_adapter` belongs to the GPU code location (`rugpt_assets.gpu_definitions`), the other two
+to the CPU one (`rugpt_assets.definitions`); the dependencies between them are plain asset keys.
+"""
 
 import json
 import math
 import os
+import time
+from pathlib import Path
 
 import dagster as dg
 
 from rugpt_assets import settings
-from rugpt_assets.core import demo_model, merge, train
-from rugpt_assets.core.artifacts import publish_dir, published, sha256_tree
-from rugpt_assets.core.base_model import apply_rugpt_fixes, check_hub_source, download_base_model
+from rugpt_assets.core import merge, train
+from rugpt_assets.core.artifacts import published, require_upstream
+from rugpt_assets.core.base_model import check_base_model_settings, materialize_base_model
 from rugpt_assets.core.configs import MergeConfig, TrainConfig
 from rugpt_assets.defs.automation import retrain_condition, training_condition
 from rugpt_assets.defs.resources import StorageResource, TrainerResource
@@ -22,6 +28,8 @@ MergeRunConfig = settings.launchpad_config("MergeRunConfig", PROFILE.merge)
 class BaseModelConfig(dg.Config):
     repo: str | None = PROFILE.base_model_repo  # None: the tiny demo GPT-2 built here
     revision: str = PROFILE.base_model_revision
+    # A snapshot on disk (RUGPT_BASE_MODEL_DIR) instead of the hub: copied, not downloaded.
+    local_dir: str | None = str(PROFILE.base_model_dir) if PROFILE.base_model_dir else None
     token_env_var: str = "HF_TOKEN"
 
 
@@ -33,37 +41,44 @@ class BaseModelConfig(dg.Config):
     code_version="1",
     description=(
         "The base model as safetensors: a pinned snapshot of `ai-forever/ruGPT-3.5-13B` with the "
-        "seed's tokenizer/generation fixes (profile `rugpt35`), or a tiny deterministic GPT-2 with "
-        "the same special tokens trained on the bundled samples (profile `demo`). "
+        "seed's tokenizer/generation fixes (profile `rugpt35`; `RUGPT_BASE_MODEL_DIR` copies a snapshot "
+        "already on disk instead), or a tiny deterministic GPT-2 with "
+        "the same special tokens trained on the bundled samples (profile `demo`). Written once: "
+        "materialized again with the same revision (or demo recipe), it re-verifies the files' "
+        "sha256 against the snapshot's manifest and reuses them; its data version is the content hash. "
         "Directory: `<storage>/base_model/`."
     ),
 )
 def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
-    check_hub_source(config.repo, config.revision, config.token_env_var)
+    check_base_model_settings(config.repo, config.revision, config.token_env_var, config.local_dir)
     target = storage.layout.base_model
-    with publish_dir(target) as tmp:
-        if config.repo:
-            context.log.info(f"downloading {config.repo}@{config.revision}")
-            revision = download_base_model(config.repo, config.revision, tmp, os.environ.get(config.token_env_var))
-            apply_rugpt_fixes(tmp)
-            summary = {"repo": config.repo, "revision": revision}
-        else:
-            summary = demo_model.build_demo_model(demo_model.sample_texts(settings.BUNDLED_SAMPLES_DIR), tmp)
-            summary["repo"] = "demo (built locally)"
+    token = os.environ.get(config.token_env_var)
+    started = time.perf_counter()
+    snapshot = materialize_base_model(
+        target, config.repo, config.revision, token, settings.BUNDLED_SAMPLES_DIR,
+        Path(config.local_dir) if config.local_dir else None,
+    )
+    seconds = time.perf_counter() - started
+    if snapshot.reused:
+        context.log.info(f"reused the base model snapshot in {target} ({len(snapshot.files)} files verified in {seconds:.1f} s)")
+    else:
+        context.log.info(f"built the base model snapshot in {target} in {seconds:.1f} s; not reused: {snapshot.rebuilt_because}")
     model_config = json.loads((target / "config.json").read_text())
     return dg.MaterializeResult(
         metadata={
-            **summary,
+            **snapshot.summary,
             "n_layer": model_config["n_layer"],
             "n_embd": model_config["n_embd"],
             "n_head": model_config["n_head"],
             "n_positions": model_config["n_positions"],
             "vocab_size": model_config["vocab_size"],
-            "content_sha256": sha256_tree(target),
+            "content_sha256": snapshot.content_sha256,
+            "reused": snapshot.reused,
             "path": dg.MetadataValue.path(str(target)),
         },
+        data_version=dg.DataVersion(snapshot.content_sha256),
     )
 
 
@@ -75,6 +90,17 @@ def base_model(
     pool="gpu",
     code_version=train.TRAINER_VERSION,
     automation_condition=training_condition(),
+    # Checked inside the training step. A check step of its own would be a second `gpu`-pool step
+    # claiming the slot again after training freed it: a queued training could start in between
+    # and this run's check would wait for all of it.
+    check_specs=[
+        dg.AssetCheckSpec(
+            "eval_loss_below_base",
+            asset="lora_adapter",
+            blocking=True,
+            description="Eval loss is finite and below the untouched base model's.",
+        )
+    ],
     description=(
         "A LoRA adapter (PEFT; seed recipe r 16, alpha 16, dropout 0.05 on `c_attn`) trained on "
         "`chat_set` with the gigasaiga template and only-target loss, in its own process via Dagster "
@@ -89,6 +115,11 @@ def lora_adapter(
     trainer: TrainerResource,
 ):
     layout = storage.layout
+    require_upstream(
+        "lora_adapter",
+        {"base_model": [layout.base_model / "config.json"],
+         "chat_set": [layout.chat_set / "train.jsonl", layout.chat_set / "val.jsonl"]},
+    )  # fmt: skip
     chats = published(layout.chat_set)  # train and val from one version of the set
     job = train.TrainJob(
         base_model_dir=str(published(layout.base_model)),
@@ -99,16 +130,15 @@ def lora_adapter(
         config=settings.config_to_dataclass(config, TrainConfig),
     )
     job_path = layout.training_runs / f"job-{context.run_id}.json"
-    job_path.parent.mkdir(parents=True, exist_ok=True)
     job.write(job_path)
     try:
         result = trainer.run(context, job_path)
     finally:
         job_path.unlink(missing_ok=True)
-    return result.get_materialize_result()
+    yield result.get_materialize_result()
+    yield eval_loss_below_base(storage)
 
 
-@dg.asset_check(asset=lora_adapter, blocking=True, description="Eval loss is finite and below the untouched base model's.")
 def eval_loss_below_base(storage: StorageResource) -> dg.AssetCheckResult:
     metrics = json.loads((storage.layout.lora_adapter / "metrics.json").read_text())
     eval_loss, base_loss = metrics["eval_loss"], metrics["base_eval_loss"]
@@ -136,6 +166,10 @@ def merged_model(
     context: dg.AssetExecutionContext, config: MergeRunConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     layout = storage.layout
+    require_upstream(
+        "merged_model",
+        {"base_model": [layout.base_model / "config.json"], "lora_adapter": [layout.lora_adapter / "adapter_model.safetensors"]},
+    )
     merge_config = settings.config_to_dataclass(config, MergeConfig)
     report = merge.merge_lora(layout.base_model, layout.lora_adapter, layout.merged_model, dtype=merge_config.dtype)
     context.log.info(f"merged {report.tensors_merged} tensors in {report.wall_time_s:.1f} s")

@@ -1,7 +1,7 @@
 """Resources: where artifacts live, where source rows come from, and how training is launched.
 
-Each deployment picks its resources in `rugpt_assets.definitions`; assets only see these
-interfaces.
+Both code locations (`rugpt_assets.definitions`, `rugpt_assets.gpu_definitions`) take their
+resources from `resources_for`; assets only see these interfaces.
 """
 
 from __future__ import annotations
@@ -64,45 +64,36 @@ class SourcesResource(dg.ConfigurableResource):
 
 
 class TrainerResource(dg.ConfigurableResource):
-    """Runs `python -m rugpt_assets.core.train` in its own process through Dagster Pipes.
+    """Runs `python -m rugpt_assets.core.train` in its own process through Dagster Pipes, on the
+    machine (or pod) of the GPU run: `subprocess` runs one process; `torchrun` starts
+    `nproc_per_node` workers (DDP) of one host."""
 
-    `subprocess` runs one process here; `torchrun` starts `nproc_per_node` workers (DDP) here;
-    `k8s` starts a pod of the GPU pod shape (deploy/k8s) with `PipesK8sClient`.
-    """
-
-    launcher: Literal["subprocess", "torchrun", "k8s"] = "subprocess"
+    launcher: Literal["subprocess", "torchrun"] = "subprocess"
     nproc_per_node: int = 1
-    k8s_image: str = ""
-    k8s_namespace: str = "dagster"
 
     def command(self, job_path: Path) -> list[str]:
         module = ["-m", "rugpt_assets.core.train", "--config", str(job_path)]
         if self.launcher == "torchrun":
             return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc_per_node={self.nproc_per_node}", *module]
-        return [sys.executable if self.launcher == "subprocess" else "python", *module]
+        return [sys.executable, *module]
 
     def run(
         self, context: dg.AssetExecutionContext, job_path: Path, env: Mapping[str, str] | None = None
     ) -> dg.PipesClientCompletedInvocation:
-        command = self.command(job_path)
-        if self.launcher == "k8s":
-            from dagster_k8s import PipesK8sClient
-
-            from rugpt_assets.launchers import GPU_POD_SPEC
-
-            return PipesK8sClient().run(
-                context=context,
-                image=self.k8s_image,
-                command=command,
-                namespace=self.k8s_namespace,
-                env=dict(env or {}),
-                base_pod_spec=GPU_POD_SPEC,
-            )
         # Keep the parent's environment (PATH, HOME, thread settings); add ours on top.
         return dg.PipesSubprocessClient().run(
-            context=context, command=command, env={**os.environ, **(env or {})}
+            context=context, command=self.command(job_path), env={**os.environ, **(env or {})}
         )
+
+
+def resources_for(profile: settings.Profile) -> dict[str, dg.ConfigurableResource]:
+    """The resources of both code locations: one storage root, one trainer, one source reader."""
+    return {
+        "storage": StorageResource(),
+        "sources_resource": SourcesResource(mode=profile.source_mode),
+        "trainer": TrainerResource(),
+    }
 
 
 def metadata_table(rows: Sequence[Mapping], columns: Sequence[str]) -> dg.MetadataValue:

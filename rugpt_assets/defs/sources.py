@@ -16,7 +16,7 @@ from rugpt_assets.defs.resources import SourcesResource, StorageResource, previe
 SourceHealthRunConfig = settings.launchpad_config("SourceHealthRunConfig", settings.active_profile().source_health)
 
 # Bump when normalization changes what a snapshot holds.
-SNAPSHOT_VERSION = "1"
+SNAPSHOT_VERSION = "2"
 
 
 def source_key(spec: sources.SourceSpec) -> dg.AssetKey:
@@ -55,9 +55,10 @@ def raw_snapshot(spec: sources.SourceSpec) -> dg.AssetsDefinition:
         automation_condition=retrain_condition(),
         description=(
             f"Normalized snapshot of `{spec.repo}` ({spec.split}): the columns the recipe uses, "
-            "message lists as `{role, content}` objects, malformed rows counted by reason and "
-            "left out; the health verdict (reject rate, rows against the last healthy snapshot) "
-            f"beside them. Files: `<storage>/raw/{spec.name}/rows.jsonl`, `health.json`."
+            "message lists as lists of objects; rows no path of the recipe can read are counted by "
+            "reason and left out, rows that do not fit the source's schema counted by reason; the "
+            "health verdict (reject rate, rows against the last healthy snapshot) beside them. "
+            f"Files: `<storage>/raw/{spec.name}/rows.jsonl`, `health.json`."
         ),
     )
     def _snapshot(
@@ -89,6 +90,7 @@ def raw_snapshot(spec: sources.SourceSpec) -> dg.AssetsDefinition:
                 "rows_rejected": rejected,
                 "rejected_by_reason": dg.MetadataValue.json(dict(sorted(snapshot.rejected.items()))),
                 "reject_examples": dg.MetadataValue.json(snapshot.reject_examples),
+                "misfits_by_reason": dg.MetadataValue.json(dict(sorted(snapshot.misfits.items()))),
                 "path": dg.MetadataValue.path(str(target / "rows.jsonl")),
                 "preview": preview_table(snapshot.rows, columns),
             },
@@ -122,7 +124,7 @@ def health_check(spec: sources.SourceSpec) -> dg.AssetChecksDefinition:
                 "baseline_rows": health.baseline_rows if health.baseline_rows is not None else "none (first snapshot)",
                 "row_drop": health.row_drop,
                 "max_row_drop": health.max_row_drop,
-                "rejected_by_reason": dg.MetadataValue.json(health.rejected),
+                "rejected_by_reason": dg.MetadataValue.json(health.reasons),
                 "reject_examples": dg.MetadataValue.json(health.reject_examples),
             },
         )

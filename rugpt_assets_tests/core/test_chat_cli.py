@@ -10,17 +10,22 @@ import pytest
 
 from rugpt_assets.chat import ChatSession, resolve_model_path
 from rugpt_assets.core.chat_template import render_prompt
-from rugpt_assets_tests.core.test_ggml import demo_export
+from rugpt_assets_tests.core.test_gguf import gguf_demo
+from rugpt_assets_tests.gguf_support import require_llama_cpp
 
 
 @pytest.fixture(scope="session")
 def export(tmp_path_factory):
-    return demo_export(tmp_path_factory)
+    return gguf_demo(tmp_path_factory)
 
 
-def test_two_turns_reset_and_exit(export):
+@pytest.mark.parametrize("file_format", ["ggml", "gguf"])
+def test_two_turns_reset_and_exit(export, file_format):
+    if file_format == "gguf":
+        require_llama_cpp()
     stdin = "Назови столицу России.\nЧто такое ёжик?\n/reset\nНазови столицу России.\n/exit\nnot read\n"
-    args = ["--model", str(export.f16), "--threads", "1", "--max-new-tokens", "64"]
+    path = export.f16 if file_format == "ggml" else export.gguf_f16
+    args = ["--model", str(path), "--threads", "1", "--max-new-tokens", "64"]
     out = subprocess.run(
         [sys.executable, "-m", "rugpt_assets.chat", *args], input=stdin, capture_output=True, text=True, timeout=120
     )
@@ -49,6 +54,13 @@ def test_missing_file_says_what_to_materialize(tmp_path, monkeypatch):
     (tmp_path / "ggml").mkdir()
     (tmp_path / "ggml" / "model-q8_0.bin").write_bytes(b"x")
     assert resolve_model_path("Q8_0") == tmp_path / "ggml" / "model-q8_0.bin"
+    with pytest.raises(SystemExit, match=r"partition Q5_K_M of the asset gguf_quantized.*--select gguf_quantized --partition Q5_K_M"):
+        resolve_model_path("q5_k_m", "gguf")
+    with pytest.raises(SystemExit, match="choose f16 or one of Q4_K_M, Q5_K_M, Q6_K, Q8_0 \\(format gguf\\)"):
+        resolve_model_path("Q5_1", "gguf")
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "model-f16.gguf").write_bytes(b"x")
+    assert resolve_model_path("F16", "gguf") == tmp_path / "gguf" / "model-f16.gguf"
 
 
 def test_history_is_trimmed_oldest_first():

@@ -1,7 +1,9 @@
-"""The rulm chat recipe (DESIGN §3), one test per rule, on hand-made rows.
+"""The rulm chat recipe, one test per rule, on hand-made rows (the parity with rulm itself is
+test_chat_recipe_parity.py).
 
 Expected records are written out by hand. For the random steps they follow from the sequence
-of ``random.Random(42)``, printed once to write these tests:
+of ``random.Random(42)``, printed once to write these tests; each step is given the generator
+directly:
     random() x 6:                                   0.6394, 0.0250, 0.2750, 0.2232, 0.7365, 0.6767
     random(), randrange(1), random(), random():     0.6394, 0, 0.7416, 0.2449
       then shuffle(list(range(4))):                 [3, 0, 2, 1]
@@ -9,6 +11,8 @@ of ``random.Random(42)``, printed once to write these tests:
     the calls of test_step7_mix_into_saiga:         random() 0.6394, randrange(3) 0;
         random() 0.7416, randrange(3) 0, 0, 0, 2;   random() 0.1025;
         random() 0.7407, randrange(4) 0, 3;         random() 0.0318
+    the whole recipe: the same generator after 11 choice() calls (step 4, datasketch's storage name):
+    random() 0.7407, randrange(1) 0, random() 0.5905, random() 0.0318; shuffle(list(range(4))): [1, 2, 3, 0]
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def rec(source, *messages):
     return {"messages": list(messages), "source": source}
 
 
-# --- bad substrings (§3.1) -------------------------------------------------------------------
+# --- bad substrings -----------------------------------------------------------------------
 
 
 def test_packaged_list_is_rulms_phrases_as_written():
@@ -113,6 +117,23 @@ def test_step1_gpt4_instruct():
     assert stats["gpt4"] == {"rows": 5, "dropped_empty_answer": 1, "dropped_bad_answer": 1, "kept": 3}
 
 
+def test_step1_reads_the_instruction_only_for_a_good_answer():
+    rows = [
+        {"instruction": None, "input": None, "full_output": None},  # skipped before the instruction is read
+        {"instruction": None, "input": "", "full_output": "Ответ из OpenAI."},  # bad answer: skipped too
+        {"instruction": "Сложи.", "input": None, "full_output": "4"},  # a null input is an empty one
+        {"instruction": None, "input": "", "full_output": "Ответ."},  # rulm stops here
+        {"instruction": "Сложи.", "input": 2, "full_output": "4"},  # and here ("\nДано: " + 2)
+        {"instruction": "Сложи.", "input": "", "full_output": ["4"]},  # and here (a list has no lower())
+    ]
+    stats = {}
+    assert cr.gpt4_records(rows, BAD, stats) == [rec("gpt4", user("Сложи."), bot("4"))]
+    assert stats["gpt4"] == {
+        "rows": 6, "dropped_empty_answer": 1, "dropped_bad_answer": 1, "rejected_instruction_not_text": 2,
+        "rejected_answer_not_text": 1, "kept": 1,
+    }  # fmt: skip
+
+
 def test_step2_evol_instruct():
     rows = [
         {"instruction": "Объясни LSH.", "output": "Хеши по полосам."},
@@ -123,6 +144,12 @@ def test_step2_evol_instruct():
         rec("alpaca-evol-instruct", user("Объясни LSH."), bot("Хеши по полосам.")),
         rec("alpaca-evol-instruct", user("Молчи."), bot("")),
     ]
+    stats = {}
+    rows = [{"instruction": "А?", "output": None}, {"instruction": None, "output": "OpenAI"}, {"instruction": None, "output": "Б"}]
+    assert cr.evol_instruct_records(rows, BAD, stats) == []
+    assert stats["alpaca-evol-instruct"] == {
+        "rows": 3, "dropped_bad_answer": 1, "rejected_answer_not_text": 1, "rejected_instruction_not_text": 1, "kept": 0
+    }  # fmt: skip
 
 
 def test_step3_alpaca_prefers_the_alternative_output():
@@ -137,6 +164,24 @@ def test_step3_alpaca_prefers_the_alternative_output():
         rec("alpaca", user("Адрес?"), bot("Не знаю.")),
     ]
     assert stats["alpaca"] == {"rows": 3, "bad_alternative": 2, "dropped_bad_answer": 1, "kept": 2}
+
+
+def test_step3_reads_the_output_only_when_the_alternative_is_bad():
+    rows = [
+        {"instruction": "Переведи.", "input": None, "output": None, "alternative_output": "Кошка."},  # kept
+        {"instruction": "Молчи.", "input": "", "output": "Нет.", "alternative_output": ""},  # kept: "" is not bad
+        {"instruction": "Кто ты?", "input": "", "output": None, "alternative_output": "Я из OpenAI."},  # rulm stops
+        {"instruction": "Адрес?", "input": "", "output": "Тут.", "alternative_output": None},  # rulm stops
+    ]
+    stats = {}
+    assert cr.alpaca_records(rows, BAD, stats) == [
+        rec("alpaca", user("Переведи."), bot("Кошка.")),
+        rec("alpaca", user("Молчи."), bot("")),
+    ]
+    assert stats["alpaca"] == {
+        "rows": 4, "bad_alternative": 1, "dropped_bad_answer": 0, "rejected_answer_not_text": 1,
+        "rejected_alternative_not_text": 1, "kept": 2,
+    }  # fmt: skip
 
 
 # --- step 4 ----------------------------------------------------------------------------------
@@ -196,7 +241,7 @@ def test_step4_near_duplicates_against_kept_records_only():
         rec("alpaca", user(ANIMALS.upper()), bot("5")),  # tokens keep their case: no overlap, kept
     ]
     stats = {}
-    assert cr.remove_near_duplicates(records, CONFIG, stats) == [records[0], records[2], records[4]]
+    assert cr.remove_near_duplicates(records, random.Random(42), CONFIG, stats) == [records[0], records[2], records[4]]
     assert stats["near_duplicates"] == {"records": 5, "dropped": 2, "kept": 3}
 
 
@@ -217,7 +262,27 @@ def test_step4_matches_datasketch_query_and_jaccard_one_by_one():
     # 23 have candidates, all at most 0.3: both the band rule and the threshold are exercised.
     assert len(expected) == 30
     records = [rec("alpaca", user(t), bot("")) for t in texts]
-    assert cr.remove_near_duplicates(records, CONFIG, {}) == [records[i] for i in expected]
+    assert cr.remove_near_duplicates(records, random.Random(42), CONFIG, {}) == [records[i] for i in expected]
+
+
+def test_step4_makes_the_draws_that_building_datasketchs_index_makes():
+    """rulm seeds the global random module, then builds one MinHashLSH, whose storage name takes
+    11 draws from that module; the recipe makes them on its own generator, and leaves the global
+    module as it was."""
+    random.seed(42)
+    MinHashLSH(threshold=0.3, num_perm=32)
+    after_rulms_index = random.getstate()
+
+    random.seed(7)
+    global_before = random.getstate()
+    rng = random.Random(42)
+    records = [rec("alpaca", user(ANIMALS), bot("1")), rec("alpaca", user(WATERS), bot("2"))]
+    cr.remove_near_duplicates(records, rng, CONFIG, {})
+    assert rng.getstate() == after_rulms_index
+    assert random.getstate() == global_before
+    rng = random.Random(42)
+    cr.remove_near_duplicates([], rng, CONFIG, {})  # rulm builds its index even for no records
+    assert rng.getstate() == after_rulms_index
 
 
 # --- step 5 ----------------------------------------------------------------------------------
@@ -234,6 +299,21 @@ def test_step5_saiga_skips_conversations_with_any_bad_message():
         rec("saiga", system("Ты помощник."), user("Привет"), bot("Привет!")),
     ]
     assert stats["saiga"] == {"rows": 3, "dropped_bad": 2, "kept": 1}
+
+
+def test_step5_reads_messages_up_to_the_first_bad_one():
+    rows = [
+        {"messages": [user("OpenAI?"), {"role": "bot", "content": None}]},  # skipped at the first message
+        {"messages": [user("Привет"), {"role": "bot", "content": None}]},  # rulm stops at the second
+        {"messages": [user("Привет"), {"role": "bot"}]},  # and here (no content)
+        {"messages": []},  # kept: an instruct may be mixed into it; step 10 drops it if not
+        {"messages": [{"role": "user", "content": "Да", "lang": "ru"}]},  # message objects are kept whole
+    ]
+    stats = {}
+    assert cr.saiga_records(rows, BAD, stats) == [
+        rec("saiga"), rec("saiga", {"role": "user", "content": "Да", "lang": "ru"})
+    ]
+    assert stats["saiga"] == {"rows": 5, "dropped_bad": 1, "rejected_content_not_text": 2, "kept": 2}
 
 
 # --- step 6 ----------------------------------------------------------------------------------
@@ -311,7 +391,18 @@ def test_step8_long_conversations_lose_their_last_two_messages():
         rec("oasst", user("а" * 5000), bot("б" * 5000)),
         rec("oasst", user("а" * 3000), bot("б" * 3000)),
     ]
-    assert stats["oasst"] == {"rows": 5, "truncated": 2, "dropped_too_long": 2, "kept": 3}
+    assert stats["oasst"] == {"rows": 5, "truncated": 2, "dropped_empty": 2, "kept": 3}
+
+
+def test_step8_measures_every_message_and_reads_roles_later():
+    rows = [
+        {"messages": []},  # nothing there: skipped
+        {"messages": [user("а" * 6000), bot("б" * 4000), {"role": "prompter", "content": "в"}]},  # cut: 6000
+        {"messages": [user("а"), {"role": "bot", "content": None}]},  # rulm cannot measure it
+    ]
+    stats = {}
+    assert cr.truncated_conversations(rows, "sharegpt", CONFIG, stats) == [rec("sharegpt", user("а" * 6000))]
+    assert stats["sharegpt"] == {"rows": 3, "truncated": 1, "dropped_empty": 1, "rejected_content_not_text": 1, "kept": 1}
 
 
 # --- step 9 ----------------------------------------------------------------------------------
@@ -352,6 +443,45 @@ def test_step9_roleplay():
     ]
 
 
+def test_step9_example_dialogue_text():
+    dialogue = [user("Кто вы?"), {"role": "char", "content": None, "mood": "calm"}]
+    assert cr.example_dialogue_text(dialogue) == "Пользователь: Кто вы?\nПерсонаж: None"
+    assert cr.example_dialogue_text([]) == cr.example_dialogue_text("") == ""  # both iterate as nothing
+    # rulm stops on these: no list of messages, a role it has no prefix for, no content
+    for unreadable in (None, "Кто вы?", [system("Да")], [{"role": "user"}], ["Кто вы?"]):
+        assert cr.example_dialogue_text(unreadable) is None
+
+
+def test_step9_reads_greeting_and_example_dialogue_only_when_drawn():
+    # Draws as in test_step9_roleplay, greeting p 0.5, example p 0.1: dialogue 1 (0.6394, 0.0250)
+    # reads the example dialogue, dialogue 2 (0.2750, 0.2232) the greeting, dialogue 3 neither.
+    config = replace(CONFIG, roleplay_greeting_probability=0.5, roleplay_example_probability=0.1)
+    unread = {"greeting": None, "example_dialogue": None}
+    nameless = {
+        "name": None,  # formatted as Python formats it, as rulm's f-string does
+        "context": "",
+        **unread,
+        "dialogues": [{"chat": []}, {"chat": [{"role": "system", "content": "Тихо.", "mood": "calm"}]}],
+    }
+    ghost = {"name": "Призрак", "context": "Тень.", **unread, "dialogues": [{"chat": [user("Бу!")]}]}
+    stats = {}
+    assert cr.roleplay_records([nameless, ghost], random.Random(42), config, stats) == [
+        # dialogue 1: a null example dialogue is read (rulm stops): rejected
+        # dialogue 2: a null greeting is read: it becomes the content of a bot message (step 10 rejects it)
+        rec(
+            "roleplay",
+            system("Ты None. \nПриветствие: None"),
+            bot(None),
+            {"role": "system", "content": "Тихо.", "mood": "calm"},
+        ),
+        rec("roleplay", system("Ты Призрак. Тень."), user("Бу!")),  # dialogue 3: neither is read
+    ]
+    assert stats["roleplay"] == {
+        "characters": 2, "with_greeting": 1, "with_example_dialogue": 0,
+        "rejected_example_dialogue_unreadable": 1, "dialogues": 2,
+    }  # fmt: skip
+
+
 # --- steps 10-11 -----------------------------------------------------------------------------
 
 
@@ -362,12 +492,18 @@ def test_step10_clean_tests_every_message_of_every_record():
         rec("sharegpt"),
         rec("mixed", user("Что такое OpenAI?"), bot("Компания.")),
         rec("oasst", user("Да?"), bot("Да.")),
+        rec("roleplay", system("OpenAI"), bot(None)),  # bad before the null: dropped, as rulm does
+        # rulm stops on these: a role it does not know, a missing role, a content that is not text
+        rec("roleplay", {"role": "narrator", "content": "Да."}),
+        rec("sharegpt", {"content": "Да."}),
+        rec("roleplay", system("Ты кот."), bot(None)),
     ]
     stats = {}
     assert cr.clean(records, BAD, stats) == [records[0], records[4]]
-    assert stats["clean"] == {"records": 5, "dropped_empty": 1, "dropped_bad": 2, "kept": 2}
-    with pytest.raises(ValueError, match="'roleplay' record has role 'char'"):
-        cr.clean([rec("roleplay", {"role": "char", "content": "Да."})], BAD, {})
+    assert stats["clean"] == {
+        "records": 9, "dropped_empty": 1, "dropped_bad": 3, "rejected_unknown_role": 2,
+        "rejected_content_not_text": 1, "kept": 2,
+    }  # fmt: skip
 
 
 def test_step11_shuffle_and_split():
@@ -421,10 +557,11 @@ def sample_rows():
 
 
 def test_build_chat_set_end_to_end():
-    """Steps 1-6: [gpt4 + evol merged (short pair), alpaca (long)]; 7: the pair draws 0.6394 and
-    randrange(1) 0, so it goes into the one saiga record, alpaca (> 2000) is appended without a
-    draw; 8: sharegpt kept, oasst cut to two messages; 9: 0.7416, 0.2449, neither greeting nor
-    example; 10: sharegpt mentions ChatGPT: dropped; 11: shuffle(4) -> [3, 0, 2, 1], 3 train."""
+    """Steps 1-6: [gpt4 + evol merged (short pair), alpaca (long)]; 4 makes its 11 draws; 7: the
+    pair draws 0.7407 and randrange(1) 0, so it goes into the one saiga record, alpaca (> 2000) is
+    appended without a draw; 8: sharegpt kept, oasst cut to two messages; 9: 0.5905 (no
+    greeting), 0.0318 (the example dialogue); 10: sharegpt mentions ChatGPT: dropped;
+    11: shuffle(4) -> [1, 2, 3, 0], 3 train."""
     rows = sample_rows()
     pristine = copy.deepcopy(rows)
     chat_set = cr.build_chat_set(rows, CONFIG, cr.load_bad_substrings())
@@ -439,7 +576,7 @@ def test_build_chat_set_end_to_end():
     )
     roleplay = rec(
         "roleplay",
-        system("Ты Шерлок. Сыщик с Бейкер-стрит."),
+        system("Ты Шерлок. Сыщик с Бейкер-стрит.\nПример диалога:\nПользователь: Кто вы?\nПерсонаж: Детектив."),
         user("Помогите!"),
         bot("Слушаю."),
         user("Что дальше?"),
@@ -447,8 +584,8 @@ def test_build_chat_set_end_to_end():
     )
     oasst = rec("oasst", user("Вопрос?"), bot("б" * 9990))
     alpaca = rec("alpaca", user(CAPITAL), bot(LONG_ANSWER))
-    assert chat_set.train == [roleplay, mixed, oasst]
-    assert chat_set.val == [alpaca]
+    assert chat_set.train == [alpaca, oasst, roleplay]
+    assert chat_set.val == [mixed]
     assert chat_set.stats["clean"] == {"records": 5, "dropped_empty": 0, "dropped_bad": 1, "kept": 4}
     assert rows == pristine  # inputs are not modified
 
@@ -456,13 +593,13 @@ def test_build_chat_set_end_to_end():
         "train": 3,
         "val": 1,
         "by_source": {
-            "alpaca": {"train": 0, "val": 1},
-            "mixed": {"train": 1, "val": 0},
+            "alpaca": {"train": 1, "val": 0},
+            "mixed": {"train": 0, "val": 1},
             "oasst": {"train": 1, "val": 0},
             "roleplay": {"train": 1, "val": 0},
         },
-        # chars: roleplay 64, mixed 83, alpaca 23 + 2250, oasst 7 + 9990
-        "chars": {"min": 64, "median": 1178.0, "mean": 3104.2, "p95": 9997, "max": 9997},
+        # chars: roleplay 64 + 58 (the example dialogue), mixed 83, alpaca 23 + 2250, oasst 7 + 9990
+        "chars": {"min": 83, "median": 1197.5, "mean": 3118.8, "p95": 9997, "max": 9997},
         "messages": {"min": 2, "median": 3.5, "mean": 3.8, "p95": 6, "max": 6},
     }
 

@@ -133,15 +133,6 @@ def test_f16_greedy_tokens_equal_hf(export):
     assert len(result["llm_rs"]) == 16
 
 
-def test_dequantized_f16_model_matches_hf(export):
-    """Reading the file back into HF gives the original model up to f16 rounding."""
-    model, tokenizer = evaluate.load_hf(export.model_dir)
-    from_file = ggml.ggml_to_hf_model(export.f16, export.model_dir)
-    ref = evaluate.perplexity(model, tokenizer, export.val_chats, 256)
-    got = evaluate.perplexity(from_file, tokenizer, export.val_chats, 256)
-    assert got == pytest.approx(ref, rel=1e-3)
-
-
 def test_write_streams_one_tensor_at_a_time(export, tmp_path):
     """Peak memory of the writer grows by about one tensor, not by the model (in a fresh process)."""
     model_bytes = random_gpt2(tmp_path / "big", export.model_dir, n_embd=512, n_layer=12, vocab_size=512)

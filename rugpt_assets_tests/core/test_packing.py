@@ -145,3 +145,25 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(demo):
     assert abs(loss_compiled - loss_eager) <= 1e-5 * abs(loss_eager)
     for name, grad in grads_eager.items():
         assert rel_err(grads_compiled[name], grad) <= 1e-5, name
+
+
+def test_fixed_batch_shape_keeps_compiled_blocks_from_recompiling(demo):
+    """Micro-batches of a training step differ in rows and chats; collated to the trainer's one
+    shape they are all served by the first compilation, while their own shapes recompile."""
+    base_dir, tokenizer, chats = demo
+    rows = [[chats[i] for i in row] for row in pack([len(c) for c in chats], PACK_TOKENS)]
+    assert len(rows) >= 2
+    model = lora_model(base_dir, "sdpa").train()
+    compile_blocks(model)
+    shape = (len(rows), PACK_TOKENS)
+    loss_and_grads(model, [collate(rows, tokenizer.eos_token_id, shape)], 1)
+    graphs = counters["stats"]["unique_graphs"]
+    short = collate(rows[-1:], tokenizer.eos_token_id, shape)  # the last row, then padding rows
+    assert short.input_ids.shape == shape and short.n_targets == sum(c.n_targets for c in rows[-1])
+    assert (short.targets[1:] == IGNORE_INDEX).all() and short.n_tokens == sum(len(c) for c in rows[-1])
+    loss_and_grads(model, [short], short.n_targets)
+    assert counters["stats"]["unique_graphs"] == graphs
+    loss_and_grads(model, [collate(rows[-1:], tokenizer.eos_token_id)], 1)  # its own shape
+    assert counters["stats"]["unique_graphs"] > graphs
+    with pytest.raises(ValueError, match="do not fit the batch shape"):
+        collate(rows, tokenizer.eos_token_id, (len(rows) - 1, PACK_TOKENS))

@@ -8,11 +8,13 @@ import math
 import numpy as np
 import pytest
 from gguf.quants import quantize as gguf_quantize
+from transformers import AutoTokenizer
 
 from rugpt_assets.core import evaluate, ggml
 from rugpt_assets.core.artifacts import publish_file, sha256_file, versions_dir
-from rugpt_assets.core.configs import ExportConfig
+from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig
 from rugpt_assets.core.quantize import QuantType, quantize_ggml
+from rugpt_assets.core.scoring import build_eval_set
 from rugpt_assets_tests.core.test_ggml import demo_export
 
 
@@ -80,10 +82,12 @@ def test_each_type_loads_and_generates(export, quantized):
 
 def test_perplexity_ordering_is_sane(export, quantized):
     config = ExportConfig(threads=1, eval_chats=16)
-    f16 = evaluate.evaluate_ggml_file(export.f16, export.model_dir, export.val_chats, config)
+    tokenizer = AutoTokenizer.from_pretrained(export.model_dir)
+    eval_set = build_eval_set(export.val_chats, tokenizer, 256, DEFAULT_SYSTEM_PROMPT, config.eval_chats)
+    f16, reference = evaluate.evaluate_ggml_file(export.f16, eval_set, config)
+    evaluate.write_evaluation(export.f16, f16, reference)
     results = {
-        q: evaluate.evaluate_ggml_file(r.path, export.model_dir, export.val_chats, config, f16_path=export.f16)
-        for q, r in quantized.items()
+        q: evaluate.evaluate_ggml_file(r.path, eval_set, config, f16_path=export.f16)[0] for q, r in quantized.items()
     }
     assert math.isfinite(f16["perplexity"]) and "kl_to_f16" not in f16
     delta = {q: r["perplexity"] / f16["perplexity"] - 1 for q, r in results.items()}

@@ -4,6 +4,7 @@ onto the same trajectory, DDP on two CPU processes equals one process, bad setti
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +19,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rugpt_assets.core.artifacts import write_jsonl
-from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, TrainConfig
+from rugpt_assets.core.base_model import ensure_snapshot
+from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, TRAIN_CONFIG_FILE, TrainConfig, to_dict
 from rugpt_assets.core.demo_model import DemoModelSpec, build_demo_model
-from rugpt_assets.core.train import PipesReporter, Runtime, TrainJob, evaluate, load_chats, rank_batches, train_lora
+from rugpt_assets.core.train import (
+    PipesReporter,
+    Runtime,
+    TrainJob,
+    evaluate,
+    load_chats,
+    rank_batches,
+    run_key,
+    train_lora,
+)
 
 CONFIG = replace(
     TrainConfig(),
@@ -114,6 +125,8 @@ def test_training_beats_the_base_model_and_the_adapter_loads(inputs, tmp_path):
     assert (adapter / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((adapter / "metrics.json").read_text()) == json.loads(json.dumps(m))
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    # What it was trained with, for the export's evaluation (the system prompt) and for people.
+    assert json.loads((adapter / TRAIN_CONFIG_FILE).read_text(encoding="utf-8")) == to_dict(job.config)
 
     # The written adapter, loaded the standard way, reproduces both reported eval losses.
     base = AutoModelForCausalLM.from_pretrained(inputs / "base", dtype=torch.float32)
@@ -164,6 +177,55 @@ def test_killed_run_resumes_onto_the_uninterrupted_trajectory(inputs, tmp_path):
     assert again["resumed_from_step"] == 40 and again["loss_history"] == resumed["loss_history"]
 
 
+def test_trainer_exits_when_its_launcher_is_killed(inputs, tmp_path):
+    """A run worker killed mid-training takes its trainer with it: an orphan would keep the GPU
+    and write checkpoints under the run that the next launch resumes."""
+    job = make_job(inputs, tmp_path, replace(CONFIG, max_steps=400, save_steps=1))
+    config = tmp_path / "job.json"
+    job.write(config)
+    launcher = subprocess.Popen(  # stands in for the run worker: starts the trainer, waits on it
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+         sys.executable, "-m", "rugpt_assets.core.train", "--config", str(config)],
+        env=SINGLE_THREAD_ENV,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(job.runs_dir.glob("*/checkpoint-*")):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the trainer made no checkpoint"
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    runs = list(job.runs_dir.glob("*"))
+    time.sleep(5)  # the trainer notices within a second, then exits
+    steps = {p.name for run in runs for p in run.glob("checkpoint-*")}
+    time.sleep(3)
+    assert {p.name for run in runs for p in run.glob("checkpoint-*")} == steps  # no one trains on
+    assert not job.output_dir.exists() and len(steps) == 1 and steps != {"checkpoint-000400"}
+
+
+def test_run_key_follows_content_not_timestamps(inputs, tmp_path):
+    """The base model rewritten with the same bytes (new timestamps) keeps the run key, so a
+    killed training still finds its checkpoints; a snapshot's manifest gives the same identity
+    without re-hashing; other bytes give another key."""
+    key = run_key(make_job(inputs, tmp_path), world_size=1)
+    rewritten = tmp_path / "rewritten"
+    shutil.copytree(inputs / "base", rewritten, copy_function=shutil.copyfile)
+    for path in rewritten.rglob("*"):
+        os.utime(path, ns=(1, 1))
+    assert run_key(make_job(inputs, tmp_path, base=rewritten), world_size=1) == key
+
+    def copy_base(out_dir: Path) -> dict:
+        shutil.copytree(inputs / "base", out_dir, dirs_exist_ok=True)
+        return {}
+
+    ensure_snapshot(tmp_path / "snapshot", {"builder": "copy"}, copy_base)
+    assert run_key(make_job(inputs, tmp_path, base=tmp_path / "snapshot"), world_size=1) == key
+
+    config = json.loads((rewritten / "config.json").read_text())
+    (rewritten / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 1e-6}))
+    assert run_key(make_job(inputs, tmp_path, base=rewritten), world_size=1) != key
+    assert run_key(make_job(inputs, tmp_path), world_size=2) != key
+
+
 def test_ddp_on_two_cpu_processes_equals_one_process(inputs, tmp_path):
     # No dropout anywhere: the two runs draw different masks (one stream per rank).
     base = tmp_path / "base"
@@ -199,9 +261,9 @@ def test_ddp_on_two_cpu_processes_equals_one_process(inputs, tmp_path):
         ({"load_in_8bit": True}, "load_in_8bit=true needs a CUDA GPU .* set load_in_8bit to false, or run on a GPU"),
         ({"load_in_4bit": True}, "load_in_4bit=true needs a CUDA GPU"),
         ({"precision": "fp16"}, "precision='fp16' needs a CUDA GPU"),
-        ({"precision": "half"}, "precision='half': use 'auto', 'bf16', 'fp16' or 'fp32'"),
+        ({"precision": "half"}, "TrainConfig.precision='half' is not one of: auto, bf16, fp16, fp32"),
         ({"attn_implementation": "packed_varlen"}, "'packed_varlen' needs a CUDA GPU and precision bf16 or fp16"),
-        ({"attn_implementation": "flash"}, r"attn_implementation='flash': use one of \('sdpa'"),
+        ({"attn_implementation": "flash"}, "TrainConfig.attn_implementation='flash' is not one of: sdpa, eager, packed_varlen"),
         ({"gradient_accumulation_steps": 1000}, "train.jsonl has 200 usable chats, fewer than one optimizer step's 2000"),
         ({"max_tokens_count": 4}, "no chat has a bot message within max_tokens_count=4"),
     ],

@@ -15,9 +15,9 @@ from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._core.test_utils import instance_for_test
 from dagster_k8s import K8sRunLauncher
 from dagster_k8s.client import DagsterKubernetesClient
-from dagster_k8s.pipes import build_pod_body
 
-from rugpt_assets.launchers import GPU_POD, GPU_POD_SPEC, LAUNCHER_TAG
+from rugpt_assets import definitions, gpu_definitions
+from rugpt_assets.launchers import GPU_POD, LAUNCHER_TAG, MixedRunError
 from rugpt_assets_tests.defs.stand_ins import STAND_IN_DEFS
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
@@ -73,7 +73,7 @@ def test_helm_values_say_what_dagster_yaml_says():
     assert {"granularity": pools["granularity"], "default_limit": pools["defaultLimit"]} == (
         instance["concurrency"]["pools"]
     )
-    # The one GPU pod shape, shared with the Pipes client.
+    # The one GPU pod shape, written down once in rugpt_assets.launchers.
     assert launcher["config"]["gpu"]["config"]["run_k8s_config"] == GPU_POD
 
 
@@ -96,39 +96,89 @@ def kubeconfig(tmp_path):
     return str(path)
 
 
-def launch_on_k8s(kubeconfig: str, monkeypatch, asset: str):
-    """Launch a one-asset run through the deployment's routing launcher; return (side, V1Job)."""
+def code_location(module: str) -> dict:
+    """The chart's deployment of this code location's module (values.yaml)."""
+    deployments = load("values.yaml")["dagster-user-deployments"]["deployments"]
+    (deployment,) = [d for d in deployments if d["codeServerArgs"] == ["-m", module]]
+    return deployment
+
+
+def container_context(deployment: dict) -> dict:
+    """What `includeConfigInLaunchedRuns` hands the launcher for this deployment's runs: the
+    chart's `dagsterUserDeployments.k8sContainerContext` of the values that matter here."""
+    return {
+        "k8s": {
+            "env_config_maps": [f"dagster-{deployment['name']}-user-env"],
+            "env": deployment["env"],
+            "volumes": deployment["volumes"],
+            "volume_mounts": deployment["volumeMounts"],
+            "namespace": "dagster",
+        }
+    }
+
+
+def test_both_code_locations_are_deployed_with_the_same_image_env_and_storage():
+    deployments = load("values.yaml")["dagster-user-deployments"]["deployments"]
+    workspace = yaml.safe_load((K8S_DIR.parents[1] / "workspace.yaml").read_text())["load_from"]
+    assert sorted(d["codeServerArgs"][1] for d in deployments) == sorted(
+        e["python_module"]["module_name"] for e in workspace
+    )
+    first, *others = deployments
+    for deployment in others:
+        for key in ("image", "env", "volumes", "volumeMounts", "includeConfigInLaunchedRuns"):
+            assert deployment[key] == first[key], key
+    assert first["includeConfigInLaunchedRuns"] == {"enabled": True}
+
+
+@pytest.fixture
+def created_jobs(monkeypatch) -> list:
+    """The Kubernetes Jobs the launchers would create, captured instead."""
     created = []
     monkeypatch.setattr(
         DagsterKubernetesClient,
         "create_namespaced_job_with_retries",
         lambda self, body, namespace, **kwargs: created.append(body),
     )
+    return created
+
+
+def launch_on_k8s(kubeconfig: str, module: str, job: dg.JobDefinition) -> str:
+    """Launch a run of `job` from the code location of `module` through the deployment's routing
+    launcher, with that location's container context; return the side that took it."""
     launcher = load("dagster.yaml")["run_launcher"]
     for side in ("gpu", "cpu"):
         k8s_config = launcher["config"][side]["config"]
         k8s_config |= {"load_incluster_config": False, "kubeconfig_file": kubeconfig}
 
-    job = STAND_IN_DEFS.resolve_implicit_global_asset_job_def()
     code_origin = JobPythonOrigin(
         job.name,
         RepositoryPythonOrigin(
-            sys.executable, ModuleCodePointer("rugpt_assets.definitions", "defs", None), IMAGE
+            sys.executable, ModuleCodePointer(module, "defs", None), IMAGE,
+            container_context=container_context(code_location(module)),
         ),
     )
-    keys = {dg.AssetKey(asset)}
+    partition = {"dagster/partition": job.partitions_def.get_partition_keys()[0]} if job.partitions_def else {}
     with instance_for_test(overrides={"run_launcher": launcher}) as instance:
-        run = instance.create_run_for_job(
-            job.get_subset(asset_selection=keys), asset_selection=keys, job_code_origin=code_origin
-        )
+        run = instance.create_run_for_job(job, job_code_origin=code_origin, tags=partition)
         instance.launch_run(run.run_id, workspace=None)
-        side = instance.get_run_by_id(run.run_id).tags[LAUNCHER_TAG]
-    [k8s_job] = created
-    return side, k8s_job
+        return instance.get_run_by_id(run.run_id).tags[LAUNCHER_TAG]
 
 
-def test_gpu_run_renders_a_job_with_one_gpu_on_a_gpu_node(kubeconfig, monkeypatch):
-    side, job = launch_on_k8s(kubeconfig, monkeypatch, "lora_adapter")
+def assert_reads_and_writes_artifacts(pod) -> None:
+    """The pod mounts the shared artifact volume where RUGPT_STORAGE_DIR points, with the profile set."""
+    [container] = pod.containers
+    [volume] = pod.volumes
+    assert volume.persistent_volume_claim.claim_name == "rugpt-storage"
+    [mount] = [m for m in container.volume_mounts if m.name == volume.name]
+    env = {e.name: e.value for e in container.env}
+    assert env["RUGPT_STORAGE_DIR"].startswith(mount.mount_path + "/") and not mount.read_only
+    assert env["RUGPT_PROFILE"] == "rugpt35"
+
+
+def test_training_run_renders_a_job_with_one_gpu_on_a_gpu_node(kubeconfig, created_jobs):
+    train = gpu_definitions.defs.resolve_job_def(gpu_definitions.train_job.name)
+    side = launch_on_k8s(kubeconfig, "rugpt_assets.gpu_definitions", train)
+    [job] = created_jobs
     pod = job.spec.template.spec
     [container] = pod.containers
     assert side == "gpu"
@@ -139,39 +189,36 @@ def test_gpu_run_renders_a_job_with_one_gpu_on_a_gpu_node(kubeconfig, monkeypatc
         ("nvidia.com/gpu", "Exists", "NoSchedule")
     ]
     assert pod.service_account_name == "dagster"
-    assert "execute_run" in container.args  # the run worker itself
+    # The run worker itself trains (a subprocess of this pod): it loads the GPU location.
+    assert "execute_run" in container.args and "rugpt_assets.gpu_definitions" in " ".join(container.args)
+    assert_reads_and_writes_artifacts(pod)
 
 
-def test_cpu_run_renders_a_job_kept_off_gpu_nodes(kubeconfig, monkeypatch):
-    side, job = launch_on_k8s(kubeconfig, monkeypatch, "chat_set")
-    pod = job.spec.template.spec
+@pytest.mark.parametrize("job_name", ["prepare", "export", "quantize"])
+def test_cpu_runs_render_jobs_kept_off_gpu_nodes(kubeconfig, created_jobs, job_name):
+    job = definitions.defs.resolve_job_def(job_name)
+    side = launch_on_k8s(kubeconfig, "rugpt_assets.definitions", job)
+    [k8s_job] = created_jobs
+    pod = k8s_job.spec.template.spec
     [container] = pod.containers
     assert side == "cpu"
-    assert not (container.resources and container.resources.limits)
+    # sized for the 13B export steps (docs/PERFORMANCE.md), no GPU
+    assert container.resources.requests == {"cpu": "2", "memory": "16Gi"}
+    assert container.resources.limits == {"memory": "30Gi"}
     assert pod.node_selector is None and pod.tolerations is None
     required = pod.affinity.node_affinity.required_during_scheduling_ignored_during_execution
     [term] = required.node_selector_terms
     assert [(e.key, e.operator) for e in term.match_expressions] == [
         ("nvidia.com/gpu.present", "DoesNotExist")
     ]
+    assert_reads_and_writes_artifacts(pod)
 
 
-def test_pipes_pod_has_the_same_gpu_shape():
-    pod = build_pod_body(
-        pod_name="rugpt-train",
-        image=IMAGE,
-        command=["python", "-m", "rugpt_assets.core.train"],
-        env_vars={"RUGPT_PROFILE": "rugpt35"},
-        base_pod_meta=None,
-        base_pod_spec=GPU_POD_SPEC,
-    )
-    [container] = pod.spec.containers
-    assert container.image == IMAGE
-    assert container.resources.limits == {"nvidia.com/gpu": "1"}
-    assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}
-    assert pod.spec.tolerations[0].key == "nvidia.com/gpu"
-    assert pod.spec.restart_policy == "Never"
-    assert GPU_POD_SPEC["containers"] == [{"resources": {"limits": {"nvidia.com/gpu": "1"}}}]
+def test_mixed_run_creates_no_pod(kubeconfig, created_jobs):
+    mixed = STAND_IN_DEFS.resolve_implicit_global_asset_job_def()  # chat_set + lora_adapter
+    with pytest.raises(MixedRunError):
+        launch_on_k8s(kubeconfig, "rugpt_assets.definitions", mixed)
+    assert created_jobs == []
 
 
 def chart_available() -> bool:

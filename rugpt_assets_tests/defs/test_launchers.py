@@ -1,8 +1,11 @@
-"""RoutingRunLauncher on a real instance configured like the proposed root dagster.yaml."""
+"""RoutingRunLauncher on a real instance configured like the root dagster.yaml."""
 
 import json
+import logging
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -12,20 +15,21 @@ from typing import Any
 import dagster as dg
 import pytest
 import yaml
-from dagster._core.events import DagsterEvent, DagsterEventType
+from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
 from dagster._core.launcher import LaunchRunContext, RunLauncher
 from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteRepositoryOrigin
 from dagster._core.run_coordinator import SubmitRunContext
 from dagster._core.storage.dagster_run import DagsterRunStatus
-from dagster._core.test_utils import create_test_daemon_workspace_context, instance_for_test
+from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time, instance_for_test
 from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+from dagster._daemon.monitoring import execute_concurrency_slots_iteration, execute_run_monitoring_iteration
 from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
     QueuedRunCoordinatorDaemon,
 )
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
-from rugpt_assets.launchers import LAUNCHER_TAG, RoutingRunLauncher
+from rugpt_assets.launchers import LAUNCHER_TAG, MixedRunError, RoutingRunLauncher, process_alive
 from rugpt_assets_tests.defs.stand_ins import STAND_IN_DEFS
 
 PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[2] / "dagster.yaml"
@@ -110,10 +114,7 @@ def sub_launcher(instance: dg.DagsterInstance, side: str) -> RecordingLauncher:
     return launcher.launchers[side]
 
 
-@pytest.mark.parametrize(
-    "assets, side",
-    [(["lora_adapter"], "gpu"), (["chat_set"], "cpu"), (["chat_set", "lora_adapter"], "gpu")],
-)
+@pytest.mark.parametrize("assets, side", [(["lora_adapter"], "gpu"), (["chat_set"], "cpu")])
 def test_run_goes_to_the_launcher_of_its_pools(assets, side):
     with routed_instance() as instance:
         run = create_run(instance, *assets)
@@ -125,6 +126,36 @@ def test_run_goes_to_the_launcher_of_its_pools(assets, side):
         # The sub-launcher already sees the tag, and so does the stored run.
         assert sub_launcher(instance, side).launched[0].tags[LAUNCHER_TAG] == side
         assert instance.get_run_by_id(run.run_id).tags[LAUNCHER_TAG] == side
+
+
+@dg.asset(pool="gpu", name="lora_adapter")
+def checked_lora_adapter() -> None: ...
+
+
+@dg.asset_check(asset=checked_lora_adapter)
+def check_without_pool() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=True)
+
+
+GPU_ASSET_WITH_CPU_CHECK = dg.Definitions(assets=[checked_lora_adapter], asset_checks=[check_without_pool])
+
+
+@pytest.mark.parametrize(
+    "job, other_step",
+    [
+        # A CPU asset and the GPU asset in one run (one code location holding both).
+        (ASSET_JOB.get_subset(asset_selection={dg.AssetKey("chat_set"), dg.AssetKey("lora_adapter")}), "chat_set"),
+        # A step without any pool is not a GPU step either: here a separate check op.
+        (GPU_ASSET_WITH_CPU_CHECK.resolve_implicit_global_asset_job_def(), "lora_adapter_check_without_pool"),
+    ],
+)
+def test_run_mixing_gpu_and_other_steps_is_refused(job, other_step):
+    with routed_instance() as instance:
+        run = instance.create_run_for_job(job, remote_job_origin=JOB_ORIGIN)
+        with pytest.raises(MixedRunError, match=rf"GPU steps \(lora_adapter\).*\({other_step}\)"):
+            instance.launch_run(run.run_id, workspace=None)
+        assert sub_launcher(instance, "gpu").launched == sub_launcher(instance, "cpu").launched == []
+        assert LAUNCHER_TAG not in instance.get_run_by_id(run.run_id).tags
 
 
 def test_later_calls_go_to_the_launcher_that_started_the_run():
@@ -223,6 +254,20 @@ def test_second_gpu_run_stays_queued_while_the_first_trains(no_grace_for_started
         assert launched == [first.run_id, second.run_id]
 
 
+def test_queued_mixed_run_fails_with_the_reason_and_launches_nothing():
+    with routed_instance() as instance, queue(instance) as (submit, tick):
+        mixed = submit("chat_set", "lora_adapter")
+        tick()
+        assert status(instance, mixed) == DagsterRunStatus.FAILURE
+        assert sub_launcher(instance, "gpu").launched == sub_launcher(instance, "cpu").launched == []
+        errors = [
+            e.dagster_event.engine_event_data.error.message
+            for e in instance.all_logs(mixed.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+            if e.dagster_event.engine_event_data.error
+        ]
+        assert any("MixedRunError" in m and "mixes GPU steps (lora_adapter)" in m for m in errors), errors
+
+
 def test_cpu_runs_go_side_by_side_up_to_the_cpu_pool_limit():
     with routed_instance() as instance, queue(instance) as (submit, tick):
         instance.event_log_storage.set_concurrency_slots("cpu", 2)  # the bootstrap command
@@ -269,3 +314,60 @@ def test_gpu_steps_never_overlap_on_a_fresh_instance(tmp_path, monkeypatch):
     spans = sorted(json.loads(line) for line in spans_file.read_text().splitlines())
     (_, first_end), (second_start, _) = spans
     assert second_start >= first_end
+
+
+def sleeper() -> subprocess.Popen:
+    """A process standing in for a run worker."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+
+
+def start_worker(instance: dg.DagsterInstance, run: dg.DagsterRun, pid: int) -> None:
+    """What a run worker started by a code server records before it executes steps."""
+    instance.report_engine_event(f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid))
+    report(instance, run, DagsterEventType.RUN_START)
+
+
+def test_run_whose_worker_died_is_failed_by_monitoring_and_its_gpu_slot_freed():
+    """The project's dagster.yaml as is (local launchers): the daemon's run monitoring fails a
+    STARTED run whose worker process is gone, leaves a live one alone, and the gpu slot the dead
+    run held is free `free_slots_after_run_end_seconds` after it ended, not before."""
+    with (
+        instance_for_test(overrides=local_config()) as instance,
+        create_test_daemon_workspace_context(EmptyWorkspaceTarget(), instance) as workspace,
+    ):
+        storage, logger = instance.event_log_storage, logging.getLogger(__name__)
+        dead, live = create_run(instance, "lora_adapter"), create_run(instance, "chat_set")
+        dead_worker, live_worker = sleeper(), sleeper()
+        try:
+            start_worker(instance, dead, dead_worker.pid)
+            start_worker(instance, live, live_worker.pid)
+            # What the dead run's executor did before its GPU step: set up the pool, claim its slot.
+            storage.initialize_concurrency_limit_to_default("gpu")
+            assert storage.claim_concurrency_slot("gpu", dead.run_id, "lora_adapter").is_claimed
+            dead_worker.kill()
+            dead_worker.wait()
+
+            list(execute_run_monitoring_iteration(workspace, logger))
+            assert status(instance, dead) == DagsterRunStatus.FAILURE
+            assert status(instance, live) == DagsterRunStatus.STARTED
+            failure = instance.all_logs(dead.run_id, of_type=DagsterEventType.RUN_FAILURE)[-1]
+            assert f"the run's process (pid {dead_worker.pid}) is gone" in failure.message
+
+            list(execute_concurrency_slots_iteration(workspace, logger))
+            assert storage.get_concurrency_info("gpu").active_run_ids == {dead.run_id}  # not yet
+            grace = instance.run_monitoring_settings["free_slots_after_run_end_seconds"]
+            with freeze_time(time.time() + grace + 1):
+                list(execute_concurrency_slots_iteration(workspace, logger))
+            assert storage.get_concurrency_info("gpu").active_slot_count == 0
+            # The next training gets the slot.
+            assert storage.claim_concurrency_slot("gpu", "next-run", "lora_adapter").is_claimed
+        finally:
+            live_worker.kill()
+            live_worker.wait()
+
+
+def test_a_reused_pid_is_not_the_run_worker():
+    # This process started before `seen_at`: it is the one that was seen.
+    assert process_alive(os.getpid(), seen_at=time.time())
+    # A pid seen an hour before this process started belonged to another process.
+    assert not process_alive(os.getpid(), seen_at=time.time() - 3600)

@@ -10,13 +10,7 @@ import pytest
 
 from rugpt_assets_tests.e2e.dagster_dev import PROJECT_ROOT
 
-TRAIN_AND_EXPORT = """
-import dagster as dg
-from rugpt_assets.definitions import defs
-with dg.DagsterInstance.get() as instance:
-    assert defs.resolve_job_def("observe_sources").execute_in_process(instance=instance).success
-    assert defs.resolve_job_def("train_and_export").execute_in_process(instance=instance).success
-"""
+TRAIN_AND_EXPORT = "import sys; from rugpt_assets import materialize; sys.exit(materialize.run(materialize.TRAIN_AND_EXPORT))"
 
 
 def home_env(home: Path) -> dict[str, str]:

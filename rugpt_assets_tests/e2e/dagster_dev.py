@@ -20,6 +20,20 @@ from typing import TypeVar
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
+LAUNCH_BACKFILL = """
+mutation ($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
+BACKFILL_STATUS = """
+query ($id: String!) {
+  partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } }
+}"""
+UNFINISHED_BACKFILL = {"REQUESTED", "CANCELING", "FAILING"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,6 +46,13 @@ class DagsterDev:
     url: str
     home: Path
     log_path: Path
+    pid: int  # of `dagster dev`, which leads its own process group
+
+    def crash(self) -> None:
+        """SIGKILL every process of this `dagster dev` (webserver, daemon, code server, run
+        workers and what they started), as a power cut or the OOM killer would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
         request = urllib.request.Request(
@@ -44,6 +65,19 @@ class DagsterDev:
         if body.get("errors"):
             raise AssertionError(f"GraphQL errors: {body['errors']}")
         return body["data"]
+
+    def backfill(self, params: dict, timeout_s: float) -> tuple[str, str]:
+        """Launch an asset backfill (`launchPartitionBackfill`, as the UI does) and wait for it to
+        end; return its id and final status."""
+        launched = self.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        backfill_id = launched["backfillId"]
+
+        def finished_status():
+            status = self.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]["status"]
+            return status not in UNFINISHED_BACKFILL and status
+
+        return backfill_id, self.wait_until(finished_status, f"backfill {backfill_id} to finish", timeout_s)
 
     def log_tail(self, n: int = 80) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -67,7 +101,8 @@ def _start_new_session_with_default_signals() -> None:
 
 @contextlib.contextmanager
 def dagster_dev(home: Path, env: dict[str, str] | None = None, timeout_s: float = 120) -> Iterator[DagsterDev]:
-    """`dagster dev` with the project's dagster.yaml in `home` (also its cwd); stopped on exit."""
+    """`dagster dev` with the project's dagster.yaml in `home` (also its cwd) and both code
+    locations of workspace.yaml; stopped on exit."""
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
     port = free_port()
@@ -81,14 +116,14 @@ def dagster_dev(home: Path, env: dict[str, str] | None = None, timeout_s: float 
     bin_dir = Path(sys.executable).parent
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-m", "rugpt_assets.definitions"],
+            [str(bin_dir / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", str(PROJECT_ROOT / "workspace.yaml")],
             cwd=home,
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_start_new_session_with_default_signals,
         )
-    server = DagsterDev(url=f"http://127.0.0.1:{port}", home=home, log_path=log_path)
+    server = DagsterDev(url=f"http://127.0.0.1:{port}", home=home, log_path=log_path, pid=process.pid)
     try:
         deadline = time.monotonic() + timeout_s
         while True:

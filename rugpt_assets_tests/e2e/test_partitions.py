@@ -1,39 +1,48 @@
-"""Only Q5_1: one `ggml_quantized` partition, from the CLI and as a backfill against a running
-daemon, creates exactly that file and re-materializes nothing upstream."""
+"""Only one partition: GGML Q5_1 of `ggml_quantized` or GGUF Q5_K_M of `gguf_quantized`, from
+the CLI and as a backfill against a running daemon, creates exactly that file (and its
+sidecars) and re-materializes nothing upstream."""
 
 import contextlib
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from rugpt_assets.core import ggml
+from rugpt_assets.core import ggml, gguf
 from rugpt_assets.core.artifacts import sha256_file
+from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.quantize import QuantType
 from rugpt_assets.definitions import defs
 from rugpt_assets_tests.e2e.conftest import home_env
 from rugpt_assets_tests.e2e.dagster_dev import dagster_dev
+from rugpt_assets_tests.gguf_support import require_llama_cpp
 
-QUANT = QuantType.Q5_1
 
-LAUNCH_BACKFILL = """
-mutation ($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-  }
-}"""
+@dataclass(frozen=True)
+class Partition:
+    asset: str
+    key: str
+    stem: str  # the file's path under the artifact root, without suffix
+    suffix: str
+    file_type: int  # what the written file's header says
 
-BACKFILL_STATUS = """
-query ($id: String!) {
-  partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } }
-}"""
+    def read_file_type(self, path: Path) -> int:
+        return ggml.read_hparams(path).ftype if self.suffix == ".bin" else gguf.read_gguf(path).file_type
 
-UNFINISHED = {"REQUESTED", "CANCELING", "FAILING"}
 
+GGML_Q5_1 = Partition("ggml_quantized", QuantType.Q5_1.name, "ggml/model-q5_1", ".bin", QuantType.Q5_1.ftype)
+GGUF_Q5_K_M = Partition(
+    "gguf_quantized", GGUFType.Q5_K_M.name, "gguf/model-q5_k_m", ".gguf", int(GGUFType.Q5_K_M.file_type)
+)
+PARTITIONS = pytest.mark.parametrize("partition", [GGML_Q5_1, GGUF_Q5_K_M], ids=lambda p: p.asset)
+
+
+def needs(partition: Partition) -> None:
+    if partition.asset == "gguf_quantized":
+        require_llama_cpp()
 
 def artifact_files(home: Path) -> dict[str, int]:
     """Every file under the artifact root, with its modification time."""
@@ -55,48 +64,48 @@ def partitions(materialized: dict[str, list]) -> dict[str, list]:
     return {key: sorted((r.partition_key for r in records), key=str) for key, records in materialized.items()}
 
 
-def assert_only_quant_added(home: Path, files_before: dict[str, int], materialized_before: dict[str, list]) -> None:
+def assert_only_partition_added(
+    home: Path, partition: Partition, files_before: dict[str, int], materialized_before: dict[str, list]
+) -> None:
     files_after = artifact_files(home)
-    stem = f"ggml/model-{QUANT.name.lower()}"
     added = set(files_after) - set(files_before)
-    assert f"{stem}.bin" in added and all(name.startswith(f"{stem}.") for name in added), sorted(added)
+    assert f"{partition.stem}{partition.suffix}" in added, sorted(added)
+    assert all(name.startswith(f"{partition.stem}.") for name in added), sorted(added)
     assert {name: files_after[name] for name in files_before} == files_before  # nothing else rewritten
-    path = home / "storage" / "artifacts" / f"{stem}.bin"
-    assert ggml.read_hparams(path).ftype == QUANT.ftype
+    path = home / "storage" / "artifacts" / f"{partition.stem}{partition.suffix}"
+    assert partition.read_file_type(path) == partition.file_type
 
     materialized = materializations(home)
-    assert partitions(materialized) == {**partitions(materialized_before), "ggml_quantized": [QUANT.name]}
-    (record,) = materialized["ggml_quantized"]
+    assert partitions(materialized) == {**partitions(materialized_before), partition.asset: [partition.key]}
+    (record,) = materialized[partition.asset]
     assert record.asset_materialization.metadata["sha256"].value == sha256_file(path)
 
 
 @pytest.mark.e2e
-def test_cli_materializes_only_q5_1(fresh_home):
+@PARTITIONS
+def test_cli_materializes_only_one_partition(fresh_home, partition):
+    needs(partition)
     files_before, materialized_before = artifact_files(fresh_home), materializations(fresh_home)
-    assert partitions(materialized_before)["ggml_quantized"] == []
+    assert partitions(materialized_before)[partition.asset] == []
 
     result = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "rugpt_assets.definitions",
-         "--select", "ggml_quantized", "--partition", QUANT.name],
+         "--select", partition.asset, "--partition", partition.key],
         cwd=fresh_home, env=home_env(fresh_home), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_only_quant_added(fresh_home, files_before, materialized_before)
+    assert_only_partition_added(fresh_home, partition, files_before, materialized_before)
 
 
 @pytest.mark.e2e
-def test_backfill_of_q5_1_through_the_daemon(fresh_home):
+@PARTITIONS
+def test_backfill_of_one_partition_through_the_daemon(fresh_home, partition):
+    needs(partition)
     files_before, materialized_before = artifact_files(fresh_home), materializations(fresh_home)
 
     with dagster_dev(fresh_home, home_env(fresh_home)) as server:
-        params = {"partitionNames": [QUANT.name], "assetSelection": [{"path": ["ggml_quantized"]}]}
-        launched = server.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
-        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        params = {"partitionNames": [partition.key], "assetSelection": [{"path": [partition.asset]}]}
+        _, status = server.backfill(params, timeout_s=300)
+        assert status == "COMPLETED_SUCCESS"
 
-        def finished_status():
-            backfill = server.graphql(BACKFILL_STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]
-            return backfill["status"] not in UNFINISHED and backfill["status"]
-
-        assert server.wait_until(finished_status, "the backfill to finish", timeout_s=300) == "COMPLETED_SUCCESS"
-
-    assert_only_quant_added(fresh_home, files_before, materialized_before)
+    assert_only_partition_added(fresh_home, partition, files_before, materialized_before)
