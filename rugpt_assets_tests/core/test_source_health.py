@@ -57,7 +57,7 @@ def test_empty_source_is_an_error_naming_it():
 
 
 def test_bounds_are_checked(tmp_path):
-    with pytest.raises(ValueError, match=r"max_reject_rate=1.5: must be in \[0, 1\]; max_row_drop=-0.1"):
+    with pytest.raises(ValueError, match=r"max_reject_rate=1.5 must be between 0.0 and 1.0; max_row_drop=-0.1"):
         SourceHealthConfig(max_reject_rate=1.5, max_row_drop=-0.1)
 
 
@@ -76,3 +76,26 @@ def test_non_utf8_and_overlong_lines_are_counted_with_their_line(tmp_path):
     assert result.reject_examples == [
         "line 2: not_utf8 (byte 0xff at offset 14)", "line 3: line_too_long (longer than 200 bytes)"
     ]
+
+
+def test_schema_misfits_are_kept_for_the_recipe_and_counted_for_health():
+    """A renamed role or column keeps its rows (rulm's recipe judges them where it reads them)
+    but counts them as misfits, which the health check weighs like rejected rows; a null in a
+    column that is there is no misfit (the hub has nulls)."""
+    alpaca = sources.SOURCES_BY_NAME["ru_turbo_alpaca"]
+    row = {"instruction": "Сложи.", "input": None, "output": "4", "alternative_output": None}
+    renamed = {"instruction": "Сложи.", "input": None, "answer": "4", "alternative_output": None}
+    snap = sources.normalize_rows(alpaca, [row] * 3 + [renamed])
+    assert snap.rows_kept == 4 and snap.rejected == {}
+    assert snap.misfits == {"missing_column:output": 1} and snap.misfit_examples == ["row 4: missing_column:output"]
+
+    roleplay = sources.SOURCES_BY_NAME["gpt_roleplay_realm"]
+    character = {"name": "Огнезар", "context": "Дракон.", "greeting": "Стой!", "example_dialogue": None}
+    chats = [{"chat": [{"role": "user", "content": "Кто ты?"}, {"role": "char", "content": "Дракон."}]}]
+    renamed_role = [{"chat": [{"role": "user", "content": "Кто ты?"}, {"role": "character", "content": "Дракон."}]}]
+    snap = sources.normalize_rows(roleplay, [{**character, "dialogues": chats}, {**character, "dialogues": renamed_role}])
+    assert snap.rows_kept == 2 and snap.misfits == {"unknown_role:character": 1}
+
+    health = source_health.assess(snapshot(90, 10), None, SourceHealthConfig())
+    assert health.rows_kept == 100 and health.rows_unfit == 10 and health.reject_rate == 0.1
+    assert health.reasons == {"unknown_role:assistant": 10} and not health.passed

@@ -1,11 +1,13 @@
 """A storage where every writing asset of the demo graph is published once per session (copied
 for each test), and the writers the fault tests run in a child process: each materializes one
-asset through Dagster (in process, ephemeral instance) as a run would, or runs the trainer."""
+asset through Dagster (in process, ephemeral instance, in its own code location) as a run
+would, or runs the trainer. The GGUF assets are targets where llama-cpp-python is installed."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -20,6 +22,8 @@ import torch
 from rugpt_assets import settings
 from rugpt_assets.core import demo_model, evaluate, ggml, source_health, sources, train
 from rugpt_assets.core.artifacts import StorageLayout, published, read_jsonl, sha256_file
+from rugpt_assets.core.base_model import COMMIT
+from rugpt_assets.core.gguf_eval import llama_available
 from rugpt_assets.core.quantize import QuantType
 
 SNAPSHOT = "ru_turbo_saiga"  # the source whose snapshot the tests fault
@@ -31,12 +35,15 @@ TRAIN = replace(
     max_steps=2, save_steps=1, eval_steps=2, max_eval_chats=4, per_device_batch_size=2, gradient_accumulation_steps=1,
 )  # fmt: skip
 FAULT_RUNS = "fault_training_runs"  # a fresh runs dir: the trainer writes two checkpoints there
+GGUF = llama_available()
+GGUF_QUANT = "Q8_0"  # the gguf_quantized partition faulted: one stands for all (same writer, same set)
 
 
 def materialize(key: str, partition: str | None = None, run_config: dict | None = None) -> None:
-    """One asset without its checks, the way a run executes it (raises on failure)."""
-    from rugpt_assets.definitions import defs
+    """One asset without its checks, the way a run of its code location executes it (raises on failure)."""
+    from rugpt_assets import definitions, gpu_definitions
 
+    defs = gpu_definitions.defs if key == "lora_adapter" else definitions.defs
     job = defs.resolve_implicit_global_asset_job_def().get_subset(
         asset_selection={dg.AssetKey(key)}, asset_check_selection=set()
     )
@@ -56,12 +63,14 @@ def hub_dir() -> Path:
     return Path(os.environ["RUGPT_FAULTS_HUB_DIR"])
 
 
-def write_base_model(token: str | None = None) -> None:
-    """base_model from the hub path, with the hub's two calls answered from a local folder."""
+def write_base_model(revision: str = "1" * 40) -> None:
+    """base_model from the hub path, with the hub's two calls answered from a local folder. A
+    snapshot of `revision` already published is reused (not written again)."""
     files = sorted(hub_dir().iterdir())
 
     def model_info(self, repo, revision=None, files_metadata=False):
-        return SimpleNamespace(sha="1" * 40, siblings=[SimpleNamespace(rfilename=p.name) for p in files])
+        sha = revision if COMMIT.fullmatch(revision or "") else "1" * 40
+        return SimpleNamespace(sha=sha, siblings=[SimpleNamespace(rfilename=p.name) for p in files])
 
     def snapshot_download(repo, revision, local_dir, allow_patterns, token):
         for p in files:
@@ -69,7 +78,12 @@ def write_base_model(token: str | None = None) -> None:
 
     with mock.patch("huggingface_hub.HfApi.model_info", model_info), \
             mock.patch("huggingface_hub.snapshot_download", snapshot_download):  # fmt: skip
-        materialize("base_model", run_config=op_config("base_model", {"repo": HUB_REPO, "revision": "main"}))
+        materialize("base_model", run_config=op_config("base_model", {"repo": HUB_REPO, "revision": revision}))
+
+
+def write_new_base_model() -> None:
+    """A revision not published yet: the snapshot is downloaded and published again."""
+    write_base_model(secrets.token_hex(20))
 
 
 def training_job(runs_dir: Path) -> train.TrainJob:
@@ -128,12 +142,35 @@ def load_checkpoint(path: Path) -> None:
     assert torch.load(root / "optimizer.pt", weights_only=True)["optimizer"]["state"]
 
 
+PROMPT = "<s>user\nПривет</s>\n<s>bot\n"
+
+
+def check_evaluation(real: Path, f16: bool) -> None:
+    """The evaluation in the set is of this very file; an f16 file's reference too."""
+    assert evaluate.read_evaluation(real)["sha256"] == sha256_file(real)
+    if f16:
+        source = evaluate.Reference.load(evaluate.reference_path(real)).source
+        assert source["sha256"] == sha256_file(real) and source["size_bytes"] == real.stat().st_size
+
+
 def load_ggml(path: Path) -> None:
     model, _ = evaluate.load_llm_rs(path, 1)
-    assert evaluate.generate(model, "<s>user\nПривет</s>\n<s>bot\n", 2, stop_at_special=False).new_tokens == 2
-    real = published(path)  # the evaluation in the set is of this very file
-    assert json.loads(real.with_suffix(".eval.json").read_text())["sha256"] == sha256_file(real)
+    assert evaluate.generate(model, PROMPT, 2, stop_at_special=False).new_tokens == 2
+    real = published(path)
     assert ggml.meta_path(real).is_file() and ggml.tokenizer_sidecar(real).is_file()
+    check_evaluation(real, f16=path.name == "model-f16.bin")
+
+
+def load_gguf(path: Path) -> None:
+    from rugpt_assets.core import gguf, gguf_eval
+
+    llama, _ = gguf_eval.load_llama(path, 1)
+    tokens, _ = gguf_eval.greedy_tokens(llama, PROMPT, 2)
+    assert len(tokens) == 2
+    del llama
+    real = published(path)
+    assert gguf.modelfile_path(real).read_text(encoding="utf-8").startswith(f"FROM ./{real.name}\n")
+    check_evaluation(real, f16=path.name == "model-f16.gguf")
 
 
 @dataclass(frozen=True)
@@ -163,7 +200,7 @@ TARGETS: dict[str, Target] = {
     "chat_set": Target(
         lambda: layout().chat_set, lambda: materialize("chat_set"), lambda p: load_jsonl_dir(p, ("train.jsonl", "val.jsonl"))
     ),
-    "base_model": Target(lambda: layout().base_model, write_base_model, load_model),
+    "base_model": Target(lambda: layout().base_model, write_new_base_model, load_model),
     "lora_checkpoint": Target(
         fault_checkpoint, lambda: train.train_lora(training_job(layout().root / FAULT_RUNS)), load_checkpoint, nth=2
     ),
@@ -175,6 +212,20 @@ TARGETS: dict[str, Target] = {
         lambda: layout().ggml_f16, lambda: materialize("ggml_f16", run_config=op_config("ggml_f16", EXPORT)), load_ggml
     ),
     **{f"ggml_{q.name}": _quant(q) for q in QuantType},
+    **(
+        {
+            "gguf_f16": Target(
+                lambda: layout().gguf_f16, lambda: materialize("gguf_f16", run_config=op_config("gguf_f16", EXPORT)), load_gguf
+            ),
+            f"gguf_{GGUF_QUANT}": Target(
+                lambda: layout().gguf_quantized(GGUF_QUANT),
+                lambda: materialize("gguf_quantized", GGUF_QUANT, op_config("gguf_quantized", EXPORT)),
+                load_gguf,
+            ),
+        }
+        if GGUF
+        else {}
+    ),
 }
 
 
@@ -191,7 +242,7 @@ def published_storage(tmp_path_factory) -> Path:
         materialize("chat_set")
         write_base_model()
         train.train_lora(training_job(layout().training_runs))
-        for name in ("merged_model", "ggml_f16", *(f"ggml_{q.name}" for q in QuantType)):
+        for name in ("merged_model", "ggml_f16", *(f"ggml_{q.name}" for q in QuantType), *(n for n in TARGETS if n.startswith("gguf_"))):
             TARGETS[name].write()
     return base
 

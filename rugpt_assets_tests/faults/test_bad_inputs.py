@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._config import ConfigTypeKind
 
 from rugpt_assets import chat, settings
 from rugpt_assets.core import evaluate, ggml, sources, train
@@ -79,9 +80,7 @@ def test_truncated_ggml_file_is_named_before_quantizing_or_loading(storage, keep
 
 def _end_of(parsed: ggml.GGMLFile, name: str) -> int:
     """Byte offset just past tensor `name`'s data: a cut that leaves whole tensors only."""
-    tensor = parsed.tensors[name].data  # a view into the file's one memory map
-    start = tensor.__array_interface__["data"][0] - tensor.base.__array_interface__["data"][0]
-    return int(start) + tensor.size
+    return parsed.tensors[name].offset + parsed.tensors[name].nbytes
 
 
 def mirror_with(tmp_path: Path, monkeypatch, lines: list[bytes] | None) -> Path:
@@ -136,6 +135,7 @@ def test_empty_source_fails_the_snapshot_and_keeps_the_previous(storage, tmp_pat
 
 
 # Every launchpad field: a value of the right type that is out of its range (where it has one).
+# Checked by the config itself as the asset starts, naming the field and the value.
 INVALID = {
     "chat_set": {
         "seed": -1, "train_fraction": 1.5, "dedup_threshold": 2.0, "dedup_num_perm": 1,
@@ -145,32 +145,47 @@ INVALID = {
     },
     "lora_adapter": {
         "lora_r": 0, "lora_alpha": 0, "lora_dropout": 1.0, "lora_target_modules": [], "max_tokens_count": 1,
-        "learning_rate": 0.0, "lr_scheduler": "sometimes", "warmup_steps": -1, "per_device_batch_size": 0,
+        "learning_rate": 0.0, "warmup_steps": -1, "per_device_batch_size": 0,
         "gradient_accumulation_steps": 0, "num_epochs": 0.0, "max_steps": 0, "weight_decay": -1.0,
         "max_grad_norm": 0.0, "seed": -1, "eval_steps": 0, "save_steps": 0, "max_eval_chats": -1,
-        "precision": "fp8", "load_in_4bit": True, "attn_implementation": "flash", "pack_tokens": 16,
-        "device": "tpu",
+        "load_in_4bit": True, "pack_tokens": 16,
     },
-    "merged_model": {"dtype": "int4"},
-    "ggml_f16": {"threads": 0, "eval_chats": 0, "eval_max_tokens": 1, "check_prompt": "  ", "check_new_tokens": 0},
+    "ggml_f16": {
+        "threads": 0, "eval_chats": 0, "eval_max_tokens": 1, "kl_top_k": 0, "check_prompt": "  ", "check_new_tokens": 0,
+    },
     f"raw_{SNAPSHOT}": {"max_reject_rate": 1.5, "max_row_drop": -0.1},
-    "base_model": {"repo": "not a repo!!", "revision": "", "token_env_var": "HF TOKEN"},
+    "base_model": {"repo": "not a repo!!", "revision": "", "token_env_var": "HF TOKEN", "local_dir": "/nonexistent/model"},
 }
-# An invalid combination: named on the field that breaks it.
+# An invalid combination: named with the field it is set together with.
 TOGETHER_WITH = {"load_in_4bit": {"load_in_8bit": True}}
+# Closed choices are enums in the launchpad: a value outside them is refused before a run exists.
+CLOSED = {
+    "lora_adapter": {"lr_scheduler": "sometimes", "precision": "fp8", "attn_implementation": "flash", "device": "tpu"},
+    "merged_model": {"dtype": "int4"},
+}
 # Fields whose every value of the right type is valid (free text, switches): wrong types only.
 ANY_VALUE = {"lora_adapter": {"system_prompt", "load_in_8bit", "gradient_checkpointing", "compile_blocks", "packing"}}
 
 
-def launchpad_fields(op: str) -> dict:
-    from rugpt_assets.definitions import defs
+def defs_of(op: str) -> dg.Definitions:
+    """The code location `op` belongs to."""
+    from rugpt_assets import definitions, gpu_definitions
 
-    return defs.resolve_assets_def(op).op.config_schema.as_field().config_type.fields
+    return gpu_definitions.defs if op == "lora_adapter" else definitions.defs
+
+
+def job_of(op: str) -> dg.JobDefinition:
+    return defs_of(op).resolve_implicit_global_asset_job_def()
+
+
+def launchpad_fields(op: str) -> dict:
+    return defs_of(op).resolve_assets_def(op).op.config_schema.as_field().config_type.fields
 
 
 def test_every_launchpad_field_is_covered():
-    for op, invalid in INVALID.items():
-        assert set(launchpad_fields(op)) == set(invalid) | ANY_VALUE.get(op, set()), op
+    for op in {*INVALID, *CLOSED}:
+        covered = set(INVALID.get(op, {})) | set(CLOSED.get(op, {})) | ANY_VALUE.get(op, set())
+        assert set(launchpad_fields(op)) == covered, op
     assert set(launchpad_fields("ggml_quantized")) == set(INVALID["ggml_f16"])
 
 
@@ -178,25 +193,34 @@ def test_every_launchpad_field_is_covered():
 def test_out_of_range_values_fail_before_work_naming_the_field(storage, op):
     before = everything()
     for field, value in INVALID[op].items():
-        message = step_error(op, run_config=op_config(op, {field: value} | TOGETHER_WITH.get(field, {})))
-        assert message.startswith("ValueError") and f"{field}={value!r}" in message, (field, message)
+        together = TOGETHER_WITH.get(field, {})
+        message = step_error(op, run_config=op_config(op, {field: value} | together))
+        named = all(name in message for name in {field, *together}) if together else f"{field}={value!r}" in message
+        assert message.startswith("ValueError") and named, (field, message)
     message = step_error("ggml_quantized", "Q8_0", op_config("ggml_quantized", {"threads": 0}))
-    assert "threads=0: must be a number >= 1" in message
+    assert "threads=0 must be at least 1" in message
     assert everything() == before
+
+
+@pytest.mark.parametrize("op", list(CLOSED))
+def test_values_outside_closed_choices_are_refused_at_launch_naming_the_field(op):
+    for name, value in CLOSED[op].items():
+        with pytest.raises(dg.DagsterInvalidConfigError, match=rf"path root:ops:{op}:config:{name}"):
+            dg.validate_run_config(job_of(op), op_config(op, {name: value}))
 
 
 WRONG_TYPE = {"Array": "c_attn", "Int": "abc", "Float": "abc", "String": 5, "Bool": "yes"}  # by config type key
 
 
-@pytest.mark.parametrize("op", [*INVALID, "ggml_quantized"])
+@pytest.mark.parametrize("op", [*INVALID, *CLOSED, "ggml_quantized"])
 def test_wrong_types_are_rejected_at_launch_naming_the_field(op):
-    from rugpt_assets.definitions import defs
-
-    job = defs.resolve_implicit_global_asset_job_def()
     for name, field in launchpad_fields(op).items():
-        value = next(v for kind, v in WRONG_TYPE.items() if kind in field.config_type.key)
+        if field.config_type.kind == ConfigTypeKind.ENUM:
+            value = 5
+        else:
+            value = next(v for kind, v in WRONG_TYPE.items() if kind in field.config_type.key)
         with pytest.raises(dg.DagsterInvalidConfigError, match=rf"path root:ops:{op}:config:{name}"):
-            dg.validate_run_config(job, op_config(op, {name: value}))
+            dg.validate_run_config(job_of(op), op_config(op, {name: value}))
 
 
 def test_unknown_partition_key_is_refused_before_the_run(storage):
