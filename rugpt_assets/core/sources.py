@@ -344,7 +344,7 @@ def load_local(spec: SourceSpec, sources_dir: Path) -> Snapshot:
 
 
 def write_snapshot(snapshot: Snapshot, out_dir: Path) -> Path:
-    """Write the normalized rows as ``rows.jsonl`` into ``out_dir`` (the caller makes it atomic)."""
+    """Write the normalized rows as ``rows.jsonl`` into ``out_dir`` (the caller publishes the set)."""
     path = Path(out_dir) / SNAPSHOT_FILE
     write_jsonl(path, snapshot.rows)
     return path

@@ -15,6 +15,7 @@ from dagster._config import ConfigTypeKind
 from rugpt_assets import chat, settings
 from rugpt_assets.core import evaluate, ggml, sources, train
 from rugpt_assets.core.artifacts import CorruptArtifactError, published
+from rugpt_assets.core.quantize import QuantType, quantize_ggml
 from rugpt_assets_tests.faults import harness
 from rugpt_assets_tests.faults.conftest import EXPORT, SNAPSHOT, TARGETS, layout, materialize, op_config, training_job
 
@@ -56,7 +57,7 @@ def test_broken_safetensors_shard_is_named_before_any_tensor_is_read(storage, cu
 
 
 @pytest.mark.parametrize("keep", ["header", "vocabulary", "mid_tensor", "tensor_boundary"])
-def test_truncated_ggml_file_is_named_before_quantizing_or_loading(storage, keep):
+def test_truncated_ggml_file_is_named_before_quantizing_or_loading(storage, tmp_path, keep):
     f16 = published(layout().ggml_f16)
     parsed = ggml.read_ggml(f16)
     data = f16.read_bytes()
@@ -69,8 +70,13 @@ def test_truncated_ggml_file_is_named_before_quantizing_or_loading(storage, keep
     assert 0 < offset < len(data)
     f16.write_bytes(data[:offset])
     before = everything()
+    # The asset finds the file is not the one ggml_f16 evaluated before it quantizes anything ...
     message = step_error("ggml_quantized", "Q4_0", op_config("ggml_quantized", EXPORT))
-    assert str(f16) in message and ("truncated" in message or "not an unversioned GGML file" in message), message
+    assert f"{layout().ggml_f16} changed after ggml_f16 evaluated it: re-materialize ggml_f16" in message, message
+    # ... and the quantizer itself names the cut, before llm-rs reads the file.
+    with pytest.raises(ValueError, match=rf"{f16}: (truncated|not an unversioned GGML file)"):
+        quantize_ggml(f16, QuantType.Q4_0, tmp_path / "model-q4_0.bin")
+    assert not (tmp_path / "model-q4_0.bin").exists()
     with pytest.raises(ValueError, match=str(f16)):  # llm-rs would abort the process; this names the file
         evaluate.load_llm_rs(f16, 1)
     with pytest.raises(SystemExit, match=str(f16)):
