@@ -378,6 +378,7 @@ def quantize_gguf(f16_path: Path, gguf_type: GGUFType, out_path: Path, threads: 
 
     start = time.perf_counter()
     modelfile = modelfile_path(f16_path).read_text(encoding="utf-8")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     modelfile_path(out_path).write_text(
         modelfile.replace(f"FROM ./{f16_path.name}\n", f"FROM ./{out_path.name}\n", 1), encoding="utf-8"
     )

@@ -115,6 +115,7 @@ def quantize_ggml(
         raise ValueError(f"{f16_path} has ftype {f16.hparams.ftype}; quantize the f16 file (ftype 1)")
 
     start = time.perf_counter()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     if ggml.tokenizer_sidecar(f16_path).is_file():
         shutil.copyfile(ggml.tokenizer_sidecar(f16_path), ggml.tokenizer_sidecar(out_path))
     ggml.write_llm_rs_meta(out_path, quant.llm_rs_type)

@@ -15,16 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from rugpt_assets_tests.e2e.dagster_dev import dagster_dev
+from rugpt_assets_tests.e2e.test_resume import STARTUP_S, asset_job_selector, launch
 
-LAUNCH = """
-mutation ($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-  }
-}
-"""
 RUN_STATUS = "query ($runId: ID!) { runOrError(runId: $runId) { ... on Run { status } } }"
 EVENT_LOG = """
 query ($runId: ID!) {
@@ -40,7 +32,6 @@ query ($runId: ID!) {
   }
 }
 """
-REPOSITORIES = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
 
 
 @contextlib.contextmanager
@@ -79,21 +70,12 @@ def test_token_never_reaches_the_ui_event_log_or_the_instance(tmp_path):
     home = tmp_path / "home"
     with refusing_hub() as (endpoint, authorizations):
         env = {"HF_TOKEN": token, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
-        with dagster_dev(home, env) as server:
-            (repository,) = server.graphql(REPOSITORIES)["repositoriesOrError"]["nodes"]
-            params = {
-                "selector": {
-                    "repositoryLocationName": repository["location"]["name"],
-                    "repositoryName": repository["name"],
-                    "jobName": "__ASSET_JOB",
-                    "assetSelection": [{"path": ["base_model"]}],
-                    "assetCheckSelection": [],
-                },
-                "runConfigData": {"ops": {"base_model": {"config": {"repo": "acme/gated-model", "revision": "main"}}}},
-            }
-            launched = server.graphql(LAUNCH, {"params": params})["launchRun"]
-            assert launched["__typename"] == "LaunchRunSuccess", launched
-            run_id = launched["run"]["runId"]
+        with dagster_dev(home, env, timeout_s=STARTUP_S) as server:
+            run_id = launch(
+                server,
+                {**asset_job_selector(server, "base_model"), "assetCheckSelection": []},
+                {"ops": {"base_model": {"config": {"repo": "acme/gated-model", "revision": "main"}}}},
+            )
 
             def finished():
                 status = server.graphql(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]
