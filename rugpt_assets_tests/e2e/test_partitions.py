@@ -70,7 +70,11 @@ def assert_only_partition_added(
     files_after = artifact_files(home)
     added = set(files_after) - set(files_before)
     assert f"{partition.stem}{partition.suffix}" in added, sorted(added)
-    assert all(name.startswith(f"{partition.stem}.") for name in added), sorted(added)
+    # The partition's files, and its set's lock and versions (the publication rule keeps them
+    # beside the file as `.<file>.lock`, `.<file>.versions/…`): nothing of another set.
+    folder, file_stem = partition.stem.split("/")
+    own = (f"{partition.stem}.", f"{folder}/.{file_stem}{partition.suffix}.")
+    assert all(name.startswith(own) for name in added), sorted(added)
     assert {name: files_after[name] for name in files_before} == files_before  # nothing else rewritten
     path = home / "storage" / "artifacts" / f"{partition.stem}{partition.suffix}"
     assert partition.read_file_type(path) == partition.file_type
