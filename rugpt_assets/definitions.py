@@ -9,11 +9,9 @@ import dagster as dg
 from rugpt_assets import settings
 from rugpt_assets.core.gguf_eval import llama_available
 from rugpt_assets.defs import checks, data, export, model
-from rugpt_assets.defs.automation import cpu_automation_sensor, observe_cron
+from rugpt_assets.defs.automation import cpu_automation_sensor
 from rugpt_assets.defs.resources import resources_for
 from rugpt_assets.defs.sources import observed_sources, raw_snapshots
-
-PROFILE = settings.active_profile()
 
 # The GGUF assets need llama-cpp-python (the `gguf` extra, compiled on install); without it the
 # code location is the GGML export alone.
@@ -56,7 +54,7 @@ observe_sources_job = dg.define_asset_job(
 )
 observe_sources_schedule = dg.ScheduleDefinition(
     job=observe_sources_job,
-    cron_schedule=observe_cron(),
+    cron_schedule=settings.environment().observe_cron,
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Observe the seven source datasets (cron from RUGPT_OBSERVE_CRON, hourly by default).",
 )
@@ -76,7 +74,7 @@ defs = dg.Definitions(
     jobs=[prepare_job, export_job, quantize_job, *quantize_gguf_jobs, observe_sources_job],
     schedules=[observe_sources_schedule],
     sensors=[cpu_automation_sensor],
-    resources=resources_for(PROFILE),
+    resources=resources_for(settings.profile()),
     # One process per run, not per step: each step process imports torch and the whole code
     # location (tens of seconds on a small box), while the steps themselves are sequential
     # anyway (pool slots) or trivial. Heavy work already runs in its own process (Pipes).

@@ -22,6 +22,6 @@ defs = dg.Definitions(
     assets=[model.lora_adapter],
     jobs=[train_job],
     sensors=[gpu_automation_sensor],
-    resources=resources_for(settings.active_profile()),
+    resources=resources_for(settings.profile()),
     executor=dg.in_process_executor,  # one step per run: no second process to start
 )

@@ -2,9 +2,9 @@
 
 Run ``python -m rugpt_assets.core.train --config job.json`` (under ``torchrun --nproc_per_node N``
 for DDP), or call `train_lora` in-process. ``job.json`` holds the `TrainJob` paths and a
-``"train"`` object of `TrainConfig` values. Launched by Dagster Pipes (``DAGSTER_PIPES_CONTEXT``
-set), rank 0 streams progress lines and the final materialization metadata back; otherwise
-progress goes to stdout. ``output_dir/metrics.json`` holds the same numbers either way.
+``"train"`` object of `TrainConfig` values. Launched by Dagster Pipes, rank 0 streams progress
+lines and the final materialization metadata back; otherwise progress goes to stdout. Rank,
+world size and local rank are torchrun's, as torch.distributed reads them. ``output_dir/metrics.json`` holds the same numbers either way.
 
 Resume. Checkpoints live in ``runs_dir/<run key>/checkpoint-<step>/`` (LoRA weights, optimizer,
 scheduler, grad scaler, step, history). The run key hashes the TrainConfig, the world size, the
@@ -33,8 +33,8 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,6 +111,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     owns_process_group: bool = False
+    started: float = field(default_factory=time.perf_counter)  # wall_time_s counts from here
 
     @property
     def distributed(self) -> bool:
@@ -126,9 +127,9 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
         raise ValueError("device='cuda' but no CUDA GPU is visible: set device to 'auto' or 'cpu'")
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    started = time.perf_counter()
     on_gpu = cuda and cfg.device != "cpu"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+    device = torch.device("cuda", dist.get_node_local_rank(fallback_rank=0)) if on_gpu else torch.device("cpu")
 
     if cfg.precision == "auto":
         dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
@@ -149,12 +150,25 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
             "attn_implementation='packed_varlen' needs a CUDA GPU and precision bf16 or fp16: use 'sdpa' here"
         )
 
-    owns_group = world_size > 1 and not dist.is_initialized()
+    # Under torchrun the process group is set up from its rendezvous (env://); otherwise one process.
+    owns_group = dist.is_torchelastic_launched() and not dist.is_initialized()
     if owns_group:
         if on_gpu:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if on_gpu else "gloo")
-    return Runtime(device, dtype, rank, world_size, owns_group)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return Runtime(device, dtype, rank, world_size, owns_group, started)
+
+
+@contextmanager
+def running(cfg: TrainConfig) -> Iterator[Runtime]:
+    """`start_runtime`, and the process group it started torn down at the end."""
+    rt = start_runtime(cfg)
+    try:
+        yield rt
+    finally:
+        if rt.owns_process_group:
+            dist.destroy_process_group()
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -530,16 +544,12 @@ def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict
 
 def train_lora(job: TrainJob, reporter: Reporter | None = None) -> TrainResult:
     """Train (or resume) the LoRA adapter of ``job``; rank 0 writes ``job.output_dir``."""
-    started = time.perf_counter()
-    rt = start_runtime(job.config)
-    try:
-        return _train(job, (reporter or LogReporter()) if rt.is_main else NullReporter(), rt, started)
-    finally:
-        if rt.owns_process_group:
-            dist.destroy_process_group()
+    with running(job.config) as rt:
+        return _train(job, rt, reporter)
 
 
-def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> TrainResult:
+def _train(job: TrainJob, rt: Runtime, reporter: Reporter | None) -> TrainResult:
+    reporter = (reporter or LogReporter()) if rt.is_main else NullReporter()
     cfg = job.config
     tokenizer = AutoTokenizer.from_pretrained(job.base_model_dir, trust_remote_code=False)
     filler_id = tokenizer.eos_token_id
@@ -613,7 +623,7 @@ def _train(job: TrainJob, reporter: Reporter, rt: Runtime, started: float) -> Tr
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],
         "tokens_per_second": state["tokens_seen"] / state["train_time_s"],
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": time.perf_counter() - rt.started,
         "peak_memory_gb": peak_memory_gb(rt.device),
         "resumed_from_step": resumed_from_step,
         "lora_config": {k: getattr(cfg, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
@@ -667,13 +677,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
     exit_with_launcher()
     job = TrainJob.from_json(args.config)
-    if os.environ.get("DAGSTER_PIPES_CONTEXT") and int(os.environ.get("RANK", "0")) == 0:
-        from dagster_pipes import open_dagster_pipes
+    with running(job.config) as rt, dagster_pipes_reporter(rt) as reporter:
+        _train(job, rt, reporter)
 
-        with open_dagster_pipes() as context:
-            train_lora(job, PipesReporter(context))
-    else:
-        train_lora(job)
+
+@contextmanager
+def dagster_pipes_reporter(rt: Runtime) -> Iterator[Reporter | None]:
+    """On rank 0 of a process that Dagster Pipes launched, a `PipesReporter` on the open Pipes
+    connection (the other ranks stay quiet); otherwise None. dagster_pipes itself recognises its
+    launch, and is not needed where the trainer runs without Dagster."""
+    if not rt.is_main or importlib.util.find_spec("dagster_pipes") is None:
+        yield None
+        return
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        yield None
+        return
+    with open_dagster_pipes() as context:
+        yield PipesReporter(context)
 
 
 if __name__ == "__main__":

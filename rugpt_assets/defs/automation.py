@@ -13,11 +13,9 @@ last materialization.
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
-DEFAULT_OBSERVE_CRON = "0 * * * *"
+from rugpt_assets import settings
 
 
 class MaterializedLongAgo(dg.AutomationCondition):
@@ -58,16 +56,12 @@ def retrain_condition() -> dg.AutomationCondition:
 
 
 def min_retrain_interval_hours() -> float:
-    return float(os.environ.get("RUGPT_MIN_RETRAIN_HOURS", "6"))
+    return settings.environment().min_retrain_hours
 
 
 def training_condition() -> dg.AutomationCondition:
     """`retrain_condition`, held back until the minimum interval since the last training passed."""
     return (retrain_condition() & MaterializedLongAgo()).with_label("retrain (rate-limited)")
-
-
-def observe_cron() -> str:
-    return os.environ.get("RUGPT_OBSERVE_CRON", DEFAULT_OBSERVE_CRON)
 
 
 # One sensor per code location: a sensor only requests the assets of its own location.

@@ -11,7 +11,7 @@ from rugpt_assets.core.configs import RecipeConfig
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.resources import StorageResource, metadata_table
 
-RecipeRunConfig = settings.launchpad_config("RecipeRunConfig", settings.active_profile().recipe)
+RecipeRunConfig = settings.launchpad_config("RecipeRunConfig", settings.profile().recipe)
 
 
 def _chat_preview(records: list[dict], limit: int = 3, width: int = 300) -> str:

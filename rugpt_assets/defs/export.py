@@ -19,7 +19,7 @@ from rugpt_assets.defs.data import chat_set
 from rugpt_assets.defs.model import merged_model
 from rugpt_assets.defs.resources import StorageResource, metadata_table
 
-PROFILE = settings.active_profile()
+PROFILE = settings.profile()
 ExportRunConfig = settings.launchpad_config("ExportRunConfig", PROFILE.export)
 
 quant_partitions = dg.StaticPartitionsDefinition([q.name for q in QuantType])

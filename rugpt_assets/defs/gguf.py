@@ -4,6 +4,7 @@ installed: writing GGUF needs only the `gguf` package, but every number and chec
 assets comes from llama.cpp."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
@@ -13,7 +14,7 @@ from rugpt_assets.core.artifacts import require_upstream, sha256_file
 from rugpt_assets.core.base_model import read_manifest
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.configs import ExportConfig
-from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
+from rugpt_assets.core.evaluate import evaluated_with, perplexity_delta, read_evaluation
 from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.data import chat_set
@@ -21,8 +22,7 @@ from rugpt_assets.defs.export import ExportRunConfig, eval_set_of, file_metadata
 from rugpt_assets.defs.model import merged_model
 from rugpt_assets.defs.resources import StorageResource, metadata_table
 
-PROFILE = settings.active_profile()
-EXPORT = PROFILE.export
+PROFILE = settings.profile()
 gguf_partitions = dg.StaticPartitionsDefinition([t.name for t in GGUFType])
 
 # ai-forever/ruGPT-3.5-13B is published under the MIT license; the demo model is built here.
@@ -163,16 +163,18 @@ def gguf_quantized(
     )
 
 
-def _loads_generates_tokenizes(path, model_dir) -> dg.AssetCheckResult:
-    """Loads in llama.cpp, decodes the check's tokens, and tokenizes the probes exactly as HF."""
+def _loads_generates_tokenizes(path: Path, asset: str, model_dir: Path) -> dg.AssetCheckResult:
+    """Loads in llama.cpp, decodes the check's tokens, and tokenizes the probes exactly as HF,
+    with the export settings the file was materialized with."""
     from transformers import AutoTokenizer
 
-    llama, load_s = gguf_eval.load_llama(path, EXPORT.threads)
-    prompt = render_prompt([{"role": "user", "content": EXPORT.check_prompt}])
-    tokens, _ = gguf_eval.greedy_tokens(llama, prompt, EXPORT.check_new_tokens)
+    export = evaluated_with(path, asset)
+    llama, load_s = gguf_eval.load_llama(path, export.threads)
+    prompt = render_prompt([{"role": "user", "content": export.check_prompt}])
+    tokens, _ = gguf_eval.greedy_tokens(llama, prompt, export.check_new_tokens)
     mismatches = gguf_eval.tokenization_mismatches(llama, AutoTokenizer.from_pretrained(model_dir))
     return dg.AssetCheckResult(
-        passed=len(tokens) == EXPORT.check_new_tokens and not mismatches,
+        passed=len(tokens) == export.check_new_tokens and not mismatches,
         metadata={
             "load_time_s": load_s,
             "new_tokens": len(tokens),
@@ -188,7 +190,7 @@ def _loads_generates_tokenizes(path, model_dir) -> dg.AssetCheckResult:
     description="Loads in llama.cpp, generates, and tokenizes Cyrillic, ё, «», —, emoji, tabs and <s>/</s> as HF.",
 )
 def gguf_f16_loads_and_tokenizes(storage: StorageResource) -> dg.AssetCheckResult:
-    return _loads_generates_tokenizes(storage.layout.gguf_f16, storage.layout.merged_model)
+    return _loads_generates_tokenizes(storage.layout.gguf_f16, "gguf_f16", storage.layout.merged_model)
 
 
 @dg.asset_check(
@@ -198,9 +200,10 @@ def gguf_f16_loads_and_tokenizes(storage: StorageResource) -> dg.AssetCheckResul
 )
 def gguf_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResult:
     layout = storage.layout
-    prompt = render_prompt([{"role": "user", "content": EXPORT.check_prompt}])
+    export = evaluated_with(layout.gguf_f16, "gguf_f16")
+    prompt = render_prompt([{"role": "user", "content": export.check_prompt}])
     agreement = gguf_eval.greedy_agreement(
-        layout.gguf_f16, layout.merged_model, prompt, EXPORT.check_new_tokens, EXPORT.threads
+        layout.gguf_f16, layout.merged_model, prompt, export.check_new_tokens, export.threads
     )
     return dg.AssetCheckResult(
         passed=agreement["equal"],
@@ -216,7 +219,9 @@ def gguf_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResu
 def gguf_quantized_loads_and_tokenizes(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
-    return _loads_generates_tokenizes(storage.layout.gguf_quantized(context.partition_key), storage.layout.merged_model)
+    return _loads_generates_tokenizes(
+        storage.layout.gguf_quantized(context.partition_key), "gguf_quantized", storage.layout.merged_model
+    )
 
 
 @dg.asset_check(

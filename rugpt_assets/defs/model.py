@@ -6,7 +6,6 @@ to the CPU one (`rugpt_assets.definitions`); the dependencies between them are p
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from rugpt_assets.core.configs import MergeConfig, TrainConfig
 from rugpt_assets.defs.automation import retrain_condition, training_condition
 from rugpt_assets.defs.resources import StorageResource, TrainerResource
 
-PROFILE = settings.active_profile()
+PROFILE = settings.profile()
 TrainRunConfig = settings.launchpad_config("TrainRunConfig", PROFILE.train)
 MergeRunConfig = settings.launchpad_config("MergeRunConfig", PROFILE.merge)
 
@@ -53,7 +52,7 @@ def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     target = storage.layout.base_model
-    token = os.environ.get(config.token_env_var)
+    token = settings.secret(config.token_env_var)
     started = time.perf_counter()
     snapshot = materialize_base_model(
         target, config.repo, config.revision, token, settings.BUNDLED_SAMPLES_DIR,

@@ -6,7 +6,6 @@ resources from `resources_for`; assets only see these interfaces.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ class SourcesResource(dg.ConfigurableResource):
     """Where the seven rulm datasets are read from: the hub, or a local mirror in the hub layout."""
 
     mode: Literal["local", "hub"] = "local"
-    # Empty: the active profile's directory (RUGPT_SOURCES_DIR or the bundled samples), resolved at use.
+    # Empty: RUGPT_SOURCES_DIR or the bundled samples, resolved at use.
     local_dir: str = ""
     # Pinned dataset revisions by source name; unset means the hub's current `main`.
     revisions: dict[str, str] = {}
@@ -44,10 +43,10 @@ class SourcesResource(dg.ConfigurableResource):
     token_env_var: str = "HF_TOKEN"
 
     def _token(self) -> str | None:
-        return os.environ.get(self.token_env_var) or None
+        return settings.secret(self.token_env_var)
 
     def _local_dir(self) -> Path:
-        return Path(self.local_dir) if self.local_dir else settings.active_profile().sources_dir
+        return Path(self.local_dir) if self.local_dir else settings.environment().local_sources_dir
 
     def read(self, spec: sources.SourceSpec) -> tuple[Iterable, str]:
         """Rows (or malformed-line markers) and the revision they come from."""
@@ -81,10 +80,8 @@ class TrainerResource(dg.ConfigurableResource):
     def run(
         self, context: dg.AssetExecutionContext, job_path: Path, env: Mapping[str, str] | None = None
     ) -> dg.PipesClientCompletedInvocation:
-        # Keep the parent's environment (PATH, HOME, thread settings); add ours on top.
-        return dg.PipesSubprocessClient().run(
-            context=context, command=self.command(job_path), env={**os.environ, **(env or {})}
-        )
+        # The client keeps the parent's environment (PATH, HOME, thread settings) and adds `env`.
+        return dg.PipesSubprocessClient().run(context=context, command=self.command(job_path), env=env)
 
 
 def resources_for(profile: settings.Profile) -> dict[str, dg.ConfigurableResource]:

@@ -19,7 +19,7 @@ from rugpt_assets.core.artifacts import StorageLayout
 from rugpt_assets.defs import export, model
 from rugpt_assets.definitions import resources_for
 
-RESOURCES = resources_for(settings.active_profile())
+RESOURCES = resources_for(settings.profile())
 
 
 @dg.asset(deps=[model.base_model], code_version="1", name="lora_adapter")

@@ -46,7 +46,7 @@ PREPARE_JOB, TRAIN_JOB, EXPORT_JOB = "prepare", "train", "export"
 
 # The demo profile's training, shorter, with a checkpoint every 4 steps.
 TRAIN_OVERRIDES = {"max_steps": 16, "save_steps": 4, "eval_steps": 8}
-TRAIN_CONFIG = replace(settings.active_profile().train, **TRAIN_OVERRIDES)
+TRAIN_CONFIG = replace(settings.profile().train, **TRAIN_OVERRIDES)
 RUN_CONFIG = {"ops": {TRAINED_ASSET: {"config": TRAIN_OVERRIDES}}}
 # `dagster dev` loads both code locations; on a busy 2-core box that took over 2 minutes.
 STARTUP_S = 300
