@@ -17,7 +17,8 @@ from rugpt_assets.core.scoring import EvalSet, build_eval_set
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.data import chat_set
 from rugpt_assets.defs.model import merged_model
-from rugpt_assets.defs.resources import StorageResource, metadata_table
+from rugpt_assets.defs.metadata import metadata_table
+from rugpt_assets.defs.resources import StorageResource
 
 PROFILE = settings.profile()
 ExportRunConfig = settings.launchpad_config("ExportRunConfig", PROFILE.export)

@@ -20,7 +20,8 @@ from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.data import chat_set
 from rugpt_assets.defs.export import ExportRunConfig, eval_set_of, file_metadata, quant_table
 from rugpt_assets.defs.model import merged_model
-from rugpt_assets.defs.resources import StorageResource, metadata_table
+from rugpt_assets.defs.metadata import metadata_table
+from rugpt_assets.defs.resources import StorageResource
 
 PROFILE = settings.profile()
 gguf_partitions = dg.StaticPartitionsDefinition([t.name for t in GGUFType])
@@ -242,6 +243,8 @@ def gguf_quantized_perplexity_bound(
     )
 
 
+# The CPU code location holds these assets and checks only where llama-cpp-python is installed.
+INSTALLED = gguf_eval.llama_available()
 gguf_assets = [gguf_f16, gguf_quantized]
 gguf_checks = [
     gguf_f16_loads_and_tokenizes,

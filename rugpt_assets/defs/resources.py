@@ -7,7 +7,7 @@ resources from `resources_for`; assets only see these interfaces.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -92,26 +92,3 @@ def resources_for(profile: settings.Profile) -> dict[str, dg.ConfigurableResourc
         "trainer": TrainerResource(),
     }
 
-
-def metadata_table(rows: Sequence[Mapping], columns: Sequence[str]) -> dg.MetadataValue:
-    """A metadata table whose column types follow the values (int, float, else string)."""
-    def column_type(name: str) -> str:
-        values = [r[name] for r in rows if r.get(name) is not None]
-        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            return "int"
-        return "float" if values and all(isinstance(v, (int, float)) for v in values) else "string"
-
-    return dg.MetadataValue.table(
-        records=[dg.TableRecord({c: r.get(c) for c in columns}) for r in rows],
-        schema=dg.TableSchema(columns=[dg.TableColumn(c, column_type(c)) for c in columns]),
-    )
-
-
-def preview_table(rows: Sequence[Mapping], columns: Sequence[str], limit: int = 5, width: int = 80) -> dg.MetadataValue:
-    """A small table of the first rows, long text shortened, for the asset's metadata."""
-    def cell(value) -> str:
-        text = value if isinstance(value, str) else repr(value)
-        text = text.replace("\n", " ")
-        return text if len(text) <= width else text[: width - 1] + "…"
-
-    return metadata_table([{c: cell(r.get(c, "")) for c in columns} for r in rows[:limit]], columns)

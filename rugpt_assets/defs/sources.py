@@ -8,7 +8,8 @@ import dagster as dg
 from rugpt_assets.core import sources
 from rugpt_assets.core.artifacts import atomic_dir
 from rugpt_assets.defs.automation import retrain_condition
-from rugpt_assets.defs.resources import SourcesResource, StorageResource, preview_table
+from rugpt_assets.defs.metadata import preview_table
+from rugpt_assets.defs.resources import SourcesResource, StorageResource
 
 # Bump when normalization changes what a snapshot holds.
 SNAPSHOT_VERSION = "2"

@@ -12,6 +12,7 @@ import dagster as dg
 import pytest
 
 from rugpt_assets import definitions, gpu_definitions, settings
+from rugpt_assets.defs import jobs
 from rugpt_assets.core import sources
 from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.gguf_eval import llama_available
@@ -76,7 +77,7 @@ class Sensors:
 
 
 def observe(instance) -> None:
-    job = CPU.resolve_job_def(definitions.observe_sources_job.name)
+    job = CPU.resolve_job_def(jobs.observe_sources_job.name)
     assert job.execute_in_process(instance=instance).success
 
 

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from rugpt_assets import definitions, settings
+from rugpt_assets import settings
+from rugpt_assets.defs import gguf
 from rugpt_assets.core import sources
 from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.artifacts import read_jsonl
@@ -48,7 +49,7 @@ query ($runId: ID!) {
 }"""
 
 # The GGUF half of the export is in the code location when llama-cpp-python is installed.
-WITH_GGUF = definitions.gguf_quantized is not None
+WITH_GGUF = gguf.INSTALLED
 # Every partition the retrain ends with, by partitioned asset.
 QUANTIZED = {"ggml_quantized": {q.name for q in QuantType}, **({"gguf_quantized": {t.name for t in GGUFType}} if WITH_GGUF else {})}
 # What one appended row leads to, run by run: (assets, partition, launcher, location).
