@@ -53,6 +53,7 @@ from rugpt_assets.core import base_model
 from rugpt_assets.core.artifacts import atomic_dir, atomic_file, read_jsonl, sha256_file
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
 from rugpt_assets.core.configs import TRAIN_CONFIG_FILE, TrainConfig, from_dict, to_dict
+from rugpt_assets.core.figures import MEASURE_DIGITS, QUALITY_DIGITS, significant
 from rugpt_assets.core.packing import Batch, Row, TokenizedChat, collate, pack
 
 log = logging.getLogger(__name__)
@@ -449,7 +450,7 @@ def load_checkpoint(path: Path, key: str, model, optimizer, scheduler, scaler, r
 class Reporter(Protocol):
     def log(self, message: str) -> None: ...
 
-    def report(self, metrics: dict[str, Any], loss_curve_png: bytes) -> None: ...
+    def report(self, metrics: dict[str, Any], loss_curve_png: bytes, adapter_dir: Path) -> None: ...
 
 
 class LogReporter:
@@ -458,7 +459,7 @@ class LogReporter:
     def log(self, message: str) -> None:
         log.info(message)
 
-    def report(self, metrics: dict[str, Any], loss_curve_png: bytes) -> None:
+    def report(self, metrics: dict[str, Any], loss_curve_png: bytes, adapter_dir: Path) -> None:
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
         log.info("result %s", json.dumps(scalars))
 
@@ -469,11 +470,18 @@ class NullReporter:
     def log(self, message: str) -> None:
         pass
 
-    def report(self, metrics: dict[str, Any], loss_curve_png: bytes) -> None:
+    def report(self, metrics: dict[str, Any], loss_curve_png: bytes, adapter_dir: Path) -> None:
         pass
 
 
-FLOAT_METRICS = ("eval_loss", "base_eval_loss", "train_loss", "tokens_per_second", "wall_time_s", "peak_memory_gb")
+# The digits each float keeps in the UI (metrics.json keeps them all).
+FLOAT_METRICS = {
+    "eval_loss": QUALITY_DIGITS,
+    "base_eval_loss": QUALITY_DIGITS,
+    "train_loss": QUALITY_DIGITS,
+    "wall_time_s": MEASURE_DIGITS,
+    "peak_memory_gb": MEASURE_DIGITS,
+}
 INT_METRICS = ("steps", "tokens_seen", "resumed_from_step")
 
 
@@ -486,15 +494,14 @@ class PipesReporter:
     def log(self, message: str) -> None:
         self.context.log.info(message)
 
-    def report(self, metrics: dict[str, Any], loss_curve_png: bytes) -> None:
-        def value(key: str, kind: str) -> dict[str, Any]:
-            return {"raw_value": metrics[key], "type": kind}
-
+    def report(self, metrics: dict[str, Any], loss_curve_png: bytes, adapter_dir: Path) -> None:
         image = base64.b64encode(loss_curve_png).decode()
-        metadata = {key: value(key, "float") for key in FLOAT_METRICS}
-        metadata |= {key: value(key, "int") for key in INT_METRICS}
-        metadata["lora_config"] = value("lora_config", "json")
+        metadata = {key: {"raw_value": significant(metrics[key], digits), "type": "float"} for key, digits in FLOAT_METRICS.items()}
+        metadata |= {key: {"raw_value": metrics[key], "type": "int"} for key in INT_METRICS}
+        metadata["tokens_per_second"] = {"raw_value": round(metrics["tokens_per_second"]), "type": "int"}
+        metadata["lora_config"] = {"raw_value": metrics["lora_config"], "type": "json"}
         metadata["loss_curve"] = {"raw_value": f"![loss](data:image/png;base64,{image})", "type": "md"}
+        metadata["path"] = {"raw_value": str(adapter_dir), "type": "path"}
         self.context.report_asset_materialization(metadata=metadata)
 
 
@@ -643,7 +650,7 @@ def _train(job: TrainJob, rt: Runtime, reporter: Reporter | None) -> TrainResult
     if rt.is_main:
         png = loss_curve_png(state["losses"], state["evals"], state["base_eval_loss"])
         write_adapter(job, model, tokenizer, metrics, png)
-        reporter.report(metrics, png)
+        reporter.report(metrics, png, job.output_dir)
     return TrainResult(job.output_dir, metrics)
 
 

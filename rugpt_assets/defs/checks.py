@@ -10,9 +10,10 @@ import dagster as dg
 from rugpt_assets.core import evaluate
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.configs import ExportConfig
-from rugpt_assets.core.evaluate import evaluated_with, perplexity_delta, read_evaluation
+from rugpt_assets.core.evaluate import evaluated_with
+from rugpt_assets.core.figures import MEASURE_DIGITS, significant
 from rugpt_assets.core.quantize import QuantType
-from rugpt_assets.defs.export import ggml_f16, ggml_quantized, quant_partitions, system_prompt
+from rugpt_assets.defs.export import ggml_f16, ggml_quantized, perplexity_bound, quant_partitions, system_prompt
 from rugpt_assets.defs.resources import StorageResource
 
 
@@ -26,7 +27,7 @@ def _generates(path: Path, asset: str, storage: StorageResource) -> dg.AssetChec
     out = evaluate.generate(model, _check_prompt(storage, export), export.check_new_tokens, stop_at_special=False)
     return dg.AssetCheckResult(
         passed=out.new_tokens == export.check_new_tokens,
-        metadata={"load_time_s": load_s, "new_tokens": out.new_tokens, "text": out.text},
+        metadata={"load_time_s": significant(load_s, MEASURE_DIGITS), "new_tokens": out.new_tokens, "text": out.text},
     )
 
 
@@ -65,12 +66,7 @@ def ggml_quantized_generates(context: dg.AssetCheckExecutionContext, storage: St
 def ggml_quantized_perplexity_bound(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     quant = QuantType[context.partition_key]
     layout = storage.layout
-    quantized = read_evaluation(layout.ggml_quantized(quant.name))
-    delta = perplexity_delta(quantized, read_evaluation(layout.ggml_f16))
-    return dg.AssetCheckResult(
-        passed=delta <= quant.max_ppl_increase,
-        metadata={"perplexity_delta": delta, "bound": quant.max_ppl_increase, "kl_to_f16": quantized["kl_to_f16"]},
-    )
+    return perplexity_bound(layout.ggml_quantized(quant.name), layout.ggml_f16, quant.max_ppl_increase)
 
 
 export_checks = [

@@ -15,10 +15,11 @@ from rugpt_assets.core.base_model import read_manifest
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.configs import ExportConfig
 from rugpt_assets.core.evaluate import evaluated_with, perplexity_delta, read_evaluation
+from rugpt_assets.core.figures import MEASURE_DIGITS, significant
 from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.data import chat_set
-from rugpt_assets.defs.export import ExportRunConfig, eval_set_of, file_metadata, quant_table
+from rugpt_assets.defs.export import ExportRunConfig, against_f16, eval_set_of, file_metadata, perplexity_bound, quant_table
 from rugpt_assets.defs.model import merged_model
 from rugpt_assets.defs.metadata import metadata_table
 from rugpt_assets.defs.resources import StorageResource
@@ -148,12 +149,7 @@ def gguf_quantized(
     return dg.MaterializeResult(
         metadata={
             **file_metadata(path, numbers),
-            "ratio_to_f16": report.ratio_to_f16,
-            "kl_to_f16": numbers["kl_to_f16"],
-            "f16_tail_mass": numbers["f16_tail_mass"],
-            "quantize_time_s": report.wall_time_s,
-            "perplexity_f16": f16["perplexity"],
-            "perplexity_delta": delta,
+            **against_f16(numbers, f16, report),
             "tensor_types": metadata_table(
                 [{"type": t, "tensors": n} for t, n in report.tensor_types.items()], ["type", "tensors"]
             ),
@@ -177,7 +173,7 @@ def _loads_generates_tokenizes(path: Path, asset: str, model_dir: Path) -> dg.As
     return dg.AssetCheckResult(
         passed=len(tokens) == export.check_new_tokens and not mismatches,
         metadata={
-            "load_time_s": load_s,
+            "load_time_s": significant(load_s, MEASURE_DIGITS),
             "new_tokens": len(tokens),
             "probes": len(gguf_eval.TOKENIZATION_PROBES),
             "tokenization_mismatches": dg.MetadataValue.json(mismatches),
@@ -235,12 +231,7 @@ def gguf_quantized_perplexity_bound(
 ) -> dg.AssetCheckResult:
     gguf_type = GGUFType[context.partition_key]
     layout = storage.layout
-    quantized = read_evaluation(layout.gguf_quantized(gguf_type.name))
-    delta = perplexity_delta(quantized, read_evaluation(layout.gguf_f16))
-    return dg.AssetCheckResult(
-        passed=delta <= gguf_type.max_ppl_increase,
-        metadata={"perplexity_delta": delta, "bound": gguf_type.max_ppl_increase, "kl_to_f16": quantized["kl_to_f16"]},
-    )
+    return perplexity_bound(layout.gguf_quantized(gguf_type.name), layout.gguf_f16, gguf_type.max_ppl_increase)
 
 
 # The CPU code location holds these assets and checks only where llama-cpp-python is installed.

@@ -1,11 +1,15 @@
 """How assets present numbers and rows in the UI: tables whose column types follow the values,
-previews of the first rows, text shortened to a width."""
+previews of the first rows, text shortened to a width, floats to the digits that carry meaning
+(`core.figures`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import dagster as dg
+
+from rugpt_assets.core.figures import QUALITY_DIGITS, significant
 
 
 def shorten(text: str, width: int) -> str:
@@ -36,3 +40,8 @@ def preview_table(rows: Sequence[Mapping], columns: Sequence[str], limit: int = 
         return shorten(value if isinstance(value, str) else repr(value), width)
 
     return metadata_table([{c: cell(r.get(c, "")) for c in columns} for r in rows[:limit]], columns)
+
+
+def rounded_floats(values: Mapping[str, Any], digits: int = QUALITY_DIGITS) -> dict[str, Any]:
+    """`values` with each float to `digits` significant digits (a build summary, say)."""
+    return {k: significant(v, digits) if isinstance(v, float) else v for k, v in values.items()}

@@ -17,6 +17,8 @@ from rugpt_assets.core.artifacts import require_upstream
 from rugpt_assets.core.base_model import materialize_base_model
 from rugpt_assets.core.configs import MergeConfig, TrainConfig
 from rugpt_assets.defs.automation import retrain_condition, training_condition
+from rugpt_assets.core.figures import MEASURE_DIGITS, QUALITY_DIGITS, significant
+from rugpt_assets.defs.metadata import rounded_floats
 from rugpt_assets.defs.resources import StorageResource, TrainerResource
 
 PROFILE = settings.profile()
@@ -66,7 +68,7 @@ def base_model(
     model_config = json.loads((target / "config.json").read_text())
     return dg.MaterializeResult(
         metadata={
-            **snapshot.summary,
+            **rounded_floats(snapshot.summary),
             "n_layer": model_config["n_layer"],
             "n_embd": model_config["n_embd"],
             "n_head": model_config["n_head"],
@@ -141,7 +143,7 @@ def eval_loss_below_base(storage: StorageResource) -> dg.AssetCheckResult:
     eval_loss, base_loss = metrics["eval_loss"], metrics["base_eval_loss"]
     return dg.AssetCheckResult(
         passed=math.isfinite(eval_loss) and eval_loss < base_loss,
-        metadata={"eval_loss": eval_loss, "base_eval_loss": base_loss},
+        metadata={"eval_loss": significant(eval_loss, QUALITY_DIGITS), "base_eval_loss": significant(base_loss, QUALITY_DIGITS)},
     )
 
 
@@ -176,8 +178,8 @@ def merged_model(
             "shards": report.shards,
             "dtype": report.dtype,
             "size_bytes": report.output_bytes,
-            "wall_time_s": report.wall_time_s,
-            "peak_rss_gb": report.peak_rss_gb,
+            "wall_time_s": significant(report.wall_time_s, MEASURE_DIGITS),
+            "peak_rss_gb": significant(report.peak_rss_gb, MEASURE_DIGITS),
             "path": dg.MetadataValue.path(str(layout.merged_model)),
         }
     )
