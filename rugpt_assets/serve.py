@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m rugpt_assets.serve",
-        description=__doc__.split("\n")[0],
+        description=(__doc__ or "").split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     which = parser.add_mutually_exclusive_group()

@@ -214,15 +214,19 @@ def storage_root() -> Path:
     return environment().storage_root
 
 
-def launchpad_config(name: str, defaults: Any) -> type[dg.Config]:
+def launchpad_config(defaults: Any) -> type[dg.Config]:
     """A `dg.Config` class with one field per dataclass field, defaulting to `defaults`' values
-    and described by the field's help, so the launchpad says what each setting does."""
+    and described by the field's help, so the launchpad says what each setting does.
+
+    Built at run time, so declare the asset's config as a class over it, which Dagster and type
+    checkers alike take as a `dg.Config`:
+    ``class TrainRunConfig(settings.launchpad_config(profile.train)): ...``"""
     hints = typing.get_type_hints(type(defaults))
     model_fields: dict[str, Any] = {}
     for f in fields(defaults):
         value = getattr(defaults, f.name)
         model_fields[f.name] = (hints[f.name], pydantic.Field(default=value, description=f.metadata.get("help")))
-    return pydantic.create_model(name, __base__=dg.Config, **model_fields)
+    return pydantic.create_model(f"{type(defaults).__name__}Fields", __base__=dg.Config, **model_fields)
 
 
 def config_to_dataclass(config: dg.Config, cls: type) -> Any:

@@ -6,7 +6,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
-from dagster._config import validate_config
+from dagster._config import Shape, validate_config
 
 from rugpt_assets import settings
 from rugpt_assets.core.configs import ExportConfig, MergeConfig, RecipeConfig, TrainConfig
@@ -18,27 +18,28 @@ SECTIONS = {"recipe": RecipeConfig, "train": TrainConfig, "merge": MergeConfig, 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_profile_round_trips_through_the_launchpad(profile_name, section):
     defaults = getattr(settings.PROFILES[profile_name](settings.Environment()), section)
-    config_class = settings.launchpad_config("RoundTrip", defaults)
+    config_class = settings.launchpad_config(defaults)
     assert settings.config_to_dataclass(config_class(), SECTIONS[section]) == defaults
 
 
 def test_launchpad_values_reach_the_dataclass():
     changed = replace(TrainConfig(), lora_r=8, precision="bf16", lora_target_modules=["c_attn", "c_proj"], system_prompt="")
-    config_class = settings.launchpad_config("TrainRunConfig", TrainConfig())
+    config_class = settings.launchpad_config(TrainConfig())
     values = {f.name: getattr(changed, f.name) for f in fields(TrainConfig)}
     assert settings.config_to_dataclass(config_class(**values), TrainConfig) == changed
 
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_every_launchpad_field_has_a_description(section):
-    schema = settings.launchpad_config("Described", SECTIONS[section]()).to_config_schema().as_field().config_type
+    schema = settings.launchpad_config(SECTIONS[section]()).to_config_schema().as_field().config_type
+    assert isinstance(schema, Shape)
     described = {name: field.description for name, field in schema.fields.items()}
     assert set(described) == {f.name for f in fields(SECTIONS[section])}
     assert all(len(text or "") > 10 for text in described.values()), described
 
 
 def test_closed_choices_are_enums_in_the_launchpad():
-    schema = settings.launchpad_config("Choices", TrainConfig()).to_config_schema().as_field().config_type
+    schema = settings.launchpad_config(TrainConfig()).to_config_schema().as_field().config_type
     assert not validate_config(schema, {"precision": "half"}).success
     assert validate_config(schema, {"precision": "bf16"}).success
 
@@ -53,7 +54,7 @@ def test_closed_choices_are_enums_in_the_launchpad():
     ],
 )
 def test_impossible_settings_are_rejected_with_the_reason(changes, message):
-    config_class = settings.launchpad_config("TrainRunConfig", TrainConfig())
+    config_class = settings.launchpad_config(TrainConfig())
     launchpad = config_class.model_construct(**{f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)} | changes)
     with pytest.raises(ValueError, match=message):
         settings.config_to_dataclass(launchpad, TrainConfig)

@@ -137,7 +137,8 @@ def generate(
         return False
 
     start = time.perf_counter()
-    result = model.generate(prompt, config, callback=on_piece)
+    # llm-rs's stub declares a second, embedding `generate` that hides this one.
+    result = model.generate(prompt, config, callback=on_piece)  # pyright: ignore[reportCallIssue]
     seconds = time.perf_counter() - start - result.times.prompt_feeding / 1000
     if tail := text.flush():
         chunks.append(tail)

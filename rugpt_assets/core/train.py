@@ -10,8 +10,9 @@ Resume. Checkpoints live in ``runs_dir/<run key>/checkpoint-<step>/`` (LoRA weig
 scheduler, grad scaler, step, history). The run key hashes the TrainConfig, the world size, the
 bytes of the train/val files and the base model's content hash (the one its snapshot manifest
 recorded, see `base_model`; hashed from the files when there is no manifest). A run with the
-same key continues from its latest checkpoint; anything else starts fresh. Data order and dropout masks are functions of (seed, step, rank), so the step is
-all the data position and RNG state a resumed run needs to repeat the uninterrupted one.
+same key continues from its latest checkpoint; anything else starts fresh. Data order and
+dropout masks are functions of (seed, step, rank), so the step is all the data position and RNG
+state a resumed run needs to repeat the uninterrupted one.
 
 Loss. Every optimizer step averages next-token cross-entropy over all target tokens of its
 rows, whichever micro-batch or rank they land on; so packing, gradient accumulation and DDP
@@ -45,8 +46,16 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure  # renders with Agg; no pyplot, no display
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
+from torch.distributed.distributed_c10d import get_node_local_rank
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_scheduler
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    get_scheduler,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rugpt_assets.core import base_model
@@ -130,7 +139,7 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
         raise ValueError("device='cuda' but no CUDA GPU is visible: set device to 'auto' or 'cpu'")
     started = time.perf_counter()
     on_gpu = cuda and cfg.device != "cpu"
-    device = torch.device("cuda", dist.get_node_local_rank(fallback_rank=0)) if on_gpu else torch.device("cpu")
+    device = torch.device("cuda", get_node_local_rank(fallback_rank=0)) if on_gpu else torch.device("cpu")
 
     if cfg.precision == "auto":
         dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
@@ -210,7 +219,7 @@ def load_lora_model(base_model_dir: Path, cfg: TrainConfig, rt: Runtime) -> Peft
     return add_lora(model, cfg, quantized=quantization is not None)
 
 
-def add_lora(model: torch.nn.Module, cfg: TrainConfig, quantized: bool = False) -> PeftModel:
+def add_lora(model: PreTrainedModel, cfg: TrainConfig, quantized: bool = False) -> PeftModel:
     """A loaded base model made ready for training (no cache, checkpointing as configured) with a
     fresh LoRA adapter."""
     model.config.use_cache = False
@@ -224,10 +233,10 @@ def add_lora(model: torch.nn.Module, cfg: TrainConfig, quantized: bool = False) 
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
-    model = get_peft_model(model, lora_config(cfg))
+    lora_model = get_peft_model(model, lora_config(cfg))
     if cfg.compile_blocks:
-        compile_blocks(model)
-    return model
+        compile_blocks(lora_model)
+    return lora_model
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
@@ -533,7 +542,7 @@ def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict
     base), the TrainConfig (train_config.json), metrics.json and loss_curve.png; checked, then
     renamed into place."""
     with atomic_dir(job.output_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(tmp)
         generation = job.base_model_dir / "generation_config.json"
         if generation.exists():

@@ -41,11 +41,12 @@ class MaterializedLongAgo(dg.AutomationCondition):
         return dg.AutomationResult(context=context, true_subset=context.get_empty_subset())
 
 
-def retrain_condition() -> dg.AutomationCondition:
+def retrain_condition(ignoring: dg.AssetSelection | None = None) -> dg.AutomationCondition:
     """Eager on new parent data, plus a one-shot request when this asset's code version changes;
     never on a parent whose latest blocking check failed (`lora_adapter`'s eval-loss check stops
-    the export, although the export runs in another code location than the training)."""
-    return (
+    the export, although the export runs in another code location than the training). Parents in
+    `ignoring` count for none of it."""
+    condition = (
         dg.AutomationCondition.eager()
         | (
             dg.AutomationCondition.code_version_changed()
@@ -53,6 +54,7 @@ def retrain_condition() -> dg.AutomationCondition:
             & ~dg.AutomationCondition.in_progress()
         ).with_label("code_version_changed")
     ) & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    return condition.ignore(ignoring) if ignoring is not None else condition
 
 
 def min_retrain_interval_hours() -> float:

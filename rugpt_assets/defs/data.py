@@ -12,7 +12,9 @@ from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.metadata import metadata_table, shorten
 from rugpt_assets.defs.resources import StorageResource
 
-RecipeRunConfig = settings.launchpad_config("RecipeRunConfig", settings.profile().recipe)
+
+class RecipeRunConfig(settings.launchpad_config(settings.profile().recipe)):
+    """`RecipeConfig` in the launchpad, defaulting to the profile's values."""
 
 
 def _chat_preview(records: list[dict], limit: int = 3, width: int = 300) -> str:

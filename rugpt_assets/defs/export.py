@@ -17,12 +17,16 @@ from rugpt_assets.core.quantize import QuantReport, QuantType, quantize_ggml
 from rugpt_assets.core.scoring import EvalSet, build_eval_set
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.data import chat_set
-from rugpt_assets.defs.model import merged_model
 from rugpt_assets.defs.metadata import metadata_table
+from rugpt_assets.defs.model import merged_model
 from rugpt_assets.defs.resources import StorageResource
 
 PROFILE = settings.profile()
-ExportRunConfig = settings.launchpad_config("ExportRunConfig", PROFILE.export)
+
+
+class ExportRunConfig(settings.launchpad_config(PROFILE.export)):
+    """`ExportConfig` in the launchpad, defaulting to the profile's values."""
+
 
 quant_partitions = dg.StaticPartitionsDefinition([q.name for q in QuantType])
 
@@ -127,7 +131,7 @@ def perplexity_bound(path: Path, f16_path: Path, bound: float) -> dg.AssetCheckR
     code_version=ggml.GGML_WRITER_VERSION,
     # New chats reach this asset through the retrain (lora_adapter → merged_model); re-exporting
     # the old model on them first would export twice. Until then a partition run says f16 is stale.
-    automation_condition=retrain_condition().ignore(dg.AssetSelection.assets(chat_set)),
+    automation_condition=retrain_condition(ignoring=dg.AssetSelection.assets(chat_set)),
     description=(
         "The merged model as an f16 GGML file in llm-rs's container (with its `.meta` sidecar), "
         "streamed tensor by tensor, vocabulary stored as the tokenizer's bytes, then evaluated "

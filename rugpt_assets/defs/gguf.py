@@ -20,8 +20,8 @@ from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.data import chat_set
 from rugpt_assets.defs.export import ExportRunConfig, against_f16, eval_set_of, file_metadata, perplexity_bound, quant_table
-from rugpt_assets.defs.model import merged_model
 from rugpt_assets.defs.metadata import metadata_table
+from rugpt_assets.defs.model import merged_model
 from rugpt_assets.defs.resources import StorageResource
 
 PROFILE = settings.profile()
@@ -81,7 +81,7 @@ def _fallback_note(report: gguf.GGUFQuantReport) -> dg.MetadataValue:
     pool="cpu",
     code_version=gguf.GGUF_WRITER_VERSION,
     # As ggml_f16: new chats arrive through the retrain, not by re-exporting the old model first.
-    automation_condition=retrain_condition().ignore(dg.AssetSelection.assets(chat_set)),
+    automation_condition=retrain_condition(ignoring=dg.AssetSelection.assets(chat_set)),
     description=(
         "The merged model as an f16 GGUF file (architecture gpt2) for llama.cpp, Ollama and any "
         "llama-cpp-python/OpenAI client: tokenizer, the gigasaiga chat template, the seed's sampling "

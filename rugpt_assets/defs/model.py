@@ -16,14 +16,20 @@ from rugpt_assets.core import merge, train
 from rugpt_assets.core.artifacts import require_upstream
 from rugpt_assets.core.base_model import materialize_base_model
 from rugpt_assets.core.configs import MergeConfig, TrainConfig
-from rugpt_assets.defs.automation import retrain_condition, training_condition
 from rugpt_assets.core.figures import MEASURE_DIGITS, QUALITY_DIGITS, significant
+from rugpt_assets.defs.automation import retrain_condition, training_condition
 from rugpt_assets.defs.metadata import rounded_floats
 from rugpt_assets.defs.resources import StorageResource, TrainerResource
 
 PROFILE = settings.profile()
-TrainRunConfig = settings.launchpad_config("TrainRunConfig", PROFILE.train)
-MergeRunConfig = settings.launchpad_config("MergeRunConfig", PROFILE.merge)
+
+
+class TrainRunConfig(settings.launchpad_config(PROFILE.train)):
+    """`TrainConfig` in the launchpad, defaulting to the profile's values."""
+
+
+class MergeRunConfig(settings.launchpad_config(PROFILE.merge)):
+    """`MergeConfig` in the launchpad, defaulting to the profile's values."""
 
 
 class BaseModelConfig(dg.Config):
@@ -116,11 +122,11 @@ def lora_adapter(
 ):
     layout = storage.layout
     job = train.TrainJob(
-        base_model_dir=str(layout.base_model),
-        train_path=str(layout.chat_set / "train.jsonl"),
-        val_path=str(layout.chat_set / "val.jsonl"),
-        output_dir=str(layout.lora_adapter),
-        runs_dir=str(layout.training_runs),
+        base_model_dir=layout.base_model,
+        train_path=layout.chat_set / "train.jsonl",
+        val_path=layout.chat_set / "val.jsonl",
+        output_dir=layout.lora_adapter,
+        runs_dir=layout.training_runs,
         config=settings.config_to_dataclass(config, TrainConfig),
     )
     require_upstream(

@@ -9,8 +9,8 @@ import dagster as dg
 import yaml
 
 from rugpt_assets import definitions, gpu_definitions
-from rugpt_assets.defs import jobs
 from rugpt_assets.core.quantize import QuantType
+from rugpt_assets.defs import jobs
 from rugpt_assets_tests.pools import GPU_POOL, step_pools
 
 ROOT = Path(__file__).resolve().parents[2]

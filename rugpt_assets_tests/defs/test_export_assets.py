@@ -76,8 +76,8 @@ def test_one_pinned_evaluation_set_and_a_stale_f16_refused(instance, layout):
     # figures as a person reads them: whole tokens/s, a few significant digits, a percentage, a path
     assert isinstance(f16["generation_tokens_per_s"], int) and f16["generation_tokens_per_s"] > 0
     assert f16["perplexity"] == float(f"{f16['perplexity']:.5g}") and q8["load_time_s"] == float(f"{q8['load_time_s']:.3g}")
-    numbers = evaluate.read_evaluation(layout.ggml_quantized("Q8_0"))
-    assert q8["perplexity_delta_pct"] == pytest.approx(100 * evaluate.perplexity_delta(numbers, evaluate.read_evaluation(layout.ggml_f16)), rel=1e-2)
+    delta = evaluate.perplexity_delta(evaluate.read_evaluation(layout.ggml_quantized("Q8_0")), evaluate.read_evaluation(layout.ggml_f16))
+    assert q8["perplexity_delta_pct"] == pytest.approx(100 * delta, rel=1e-2)
     event = instance.get_latest_materialization_event(dg.AssetKey("ggml_quantized"))
     assert isinstance(event.asset_materialization.metadata["path"], dg.PathMetadataValue)
     # f16's reference was used, not recomputed

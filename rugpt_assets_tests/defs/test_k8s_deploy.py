@@ -161,7 +161,7 @@ def launch_on_k8s(kubeconfig: str, module: str, job: dg.JobDefinition) -> str:
     partition = {"dagster/partition": job.partitions_def.get_partition_keys()[0]} if job.partitions_def else {}
     with instance_for_test(overrides={"run_launcher": launcher}) as instance:
         run = instance.create_run_for_job(job, job_code_origin=code_origin, tags=partition)
-        instance.launch_run(run.run_id, workspace=None)
+        instance.launch_run(run.run_id, workspace=None)  # pyright: ignore[reportArgumentType]  # as Dagster's own tests
         return instance.get_run_by_id(run.run_id).tags[LAUNCHER_TAG]
 
 
