@@ -34,7 +34,12 @@ import numpy as np
 GB = 1e9
 
 
-def build(work: Path, n_embd: int, n_layer: int, n_head: int, vocab: int, n_positions: int) -> None:
+def build(
+    work: Path, n_embd: int, n_layer: int, n_head: int, vocab: int, n_positions: int, peaked: bool = False
+) -> None:
+    """A random GPT-2: every tensor N(0, 0.02). `peaked`: layer norms at weight 1 and bias 0 and the
+    token embedding (also the head) N(0, 0.1), so next-token distributions are peaked as a trained
+    model's are, not near uniform; quantization error then shows in KL instead of vanishing in it."""
     from safetensors.numpy import save_file
     from transformers import GPT2Config
 
@@ -52,11 +57,18 @@ def build(work: Path, n_embd: int, n_layer: int, n_head: int, vocab: int, n_posi
     weight_map = {}
     for n, shapes in enumerate(shards, 1):
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16) for k, s in shapes.items()}
+        tensors = {k: random_tensor(rng, k, s, peaked) for k, s in shapes.items()}
         save_file(tensors, out / name, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, name)
         del tensors
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], peaked: bool) -> np.ndarray:
+    if peaked and ".ln_" in name:
+        return np.full(shape, 1.0 if name.endswith(".weight") else 0.0, dtype=np.float16)
+    std = 0.1 if peaked and name.endswith("wte.weight") else 0.02
+    return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16)
 
 
 def rss_gb(field: str) -> float:

@@ -168,6 +168,10 @@ def main() -> None:
     parser.add_argument("--n-head", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=50272)
     parser.add_argument("--n-positions", type=int, default=2048)
+    parser.add_argument(
+        "--peaked", action="store_true",
+        help="random model with peaked next-token distributions (unit layer norms, wider embedding), for KL",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads of every runtime, quantizer and speed run")
     parser.add_argument("--eval-chats", type=int, default=6)
     parser.add_argument("--eval-max-tokens", type=int, default=128)
@@ -182,7 +186,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    spec = {k: getattr(args, k) for k in ("n_embd", "n_layer", "n_head", "vocab", "n_positions")}
+    spec = {k: getattr(args, k) for k in ("n_embd", "n_layer", "n_head", "vocab", "n_positions", "peaked")}
     args.passthrough = [a for a in sys.argv[1:] if a != "--child"]
     if args.child:
         print(json.dumps(child(args.child, args)))

@@ -276,9 +276,9 @@ def kill_training(psutil, daemon_pid: int, runs_dir: Path, delay: float, timeout
     trainer's parent, under this instance's daemon) and then the trainer, as a crash of the
     machine's processes would."""
     deadline = time.time() + timeout
-    while time.time() < deadline and not list(runs_dir.glob("*/checkpoint-*")):
+    while time.time() < deadline and not list(runs_dir.glob("*/checkpoint")):
         time.sleep(0.5)
-    checkpoints = sorted(runs_dir.glob("*/checkpoint-*"))
+    checkpoints = sorted(runs_dir.glob("*/checkpoint"))
     if not checkpoints:
         return {"killed": False, "reason": "no checkpoint in time"}
     time.sleep(delay)
@@ -290,7 +290,7 @@ def kill_training(psutil, daemon_pid: int, runs_dir: Path, delay: float, timeout
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    return {"killed": bool(victims), "at": time.time(), "checkpoint": checkpoints[-1].name,
+    return {"killed": bool(victims), "at": time.time(), "checkpoint_step": json.loads((checkpoints[-1] / "state.json").read_text())["step"],
             "processes": [cmd for _, cmd in victims]}  # fmt: skip
 
 

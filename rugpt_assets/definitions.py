@@ -10,7 +10,7 @@ from rugpt_assets import settings
 from rugpt_assets.defs import checks, data, export, gguf, jobs, model
 from rugpt_assets.defs.automation import cpu_automation_sensor
 from rugpt_assets.defs.resources import resources_for
-from rugpt_assets.defs.sources import observed_sources, raw_snapshots
+from rugpt_assets.defs.sources import health_checks, observed_sources, raw_snapshots
 
 defs = dg.Definitions(
     assets=[
@@ -23,7 +23,7 @@ defs = dg.Definitions(
         export.ggml_quantized,
         *(gguf.gguf_assets if gguf.INSTALLED else []),
     ],
-    asset_checks=[*checks.export_checks, *(gguf.gguf_checks if gguf.INSTALLED else [])],
+    asset_checks=[*health_checks, *checks.export_checks, *(gguf.gguf_checks if gguf.INSTALLED else [])],
     jobs=jobs.cpu_jobs,
     schedules=[jobs.observe_sources_schedule],
     sensors=[cpu_automation_sensor],

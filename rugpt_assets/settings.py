@@ -26,6 +26,7 @@ from rugpt_assets.core.configs import (
     ExportConfig,
     MergeConfig,
     RecipeConfig,
+    SourceHealthConfig,
     TrainConfig,
 )
 
@@ -130,6 +131,7 @@ class Profile:
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    source_health: SourceHealthConfig = field(default_factory=SourceHealthConfig)
 
 
 def demo_profile(env: Environment) -> Profile:
@@ -160,6 +162,9 @@ def demo_profile(env: Environment) -> Profile:
         ),
         # One llm-rs thread: on a small shared CPU more threads make it orders of magnitude slower.
         export=replace(ExportConfig(), threads=1, eval_chats=16, eval_max_tokens=256),
+        # The bundled samples hold a few deliberately malformed rows per source (up to 3 of 11)
+        # to show the counting; a schema change that rejects most rows still fails.
+        source_health=replace(SourceHealthConfig(), max_reject_rate=0.3),
     )
 
 

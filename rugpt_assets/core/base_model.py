@@ -9,7 +9,8 @@ Snapshots. A model directory written here holds a manifest (`SNAPSHOT_MANIFEST`)
 snapshot's identity (hub repo and resolved commit, or the demo recipe's hash), every file's
 size and sha256, and the build summary. Asked for the same identity again, `ensure_snapshot`
 re-hashes the files against the manifest and reuses the directory untouched; a different
-identity, or any missing, extra or changed file, gets a fresh copy, written atomically. The
+identity, or any missing, extra or changed file, gets a fresh copy, published by the
+publication rule (`artifacts.publish_dir`: readers see the old snapshot or the new one). The
 content hash of the recorded files is the snapshot's identity downstream (data version,
 training run key): equal bytes, equal hash, however often the snapshot was re-verified.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rugpt_assets.core import demo_model
-from rugpt_assets.core.artifacts import atomic_dir, file_sha256s, sha256_file, sha256_of_files, sha256_tree
+from rugpt_assets.core.artifacts import file_sha256s, publish_dir, published, sha256_file, sha256_of_files, sha256_tree
 from rugpt_assets.core.demo_model import BOS_ID, EOS_ID, PAD_ID, write_generation_config
 
 # In a subfolder: `from_pretrained` and the merge (which copies top-level files only) ignore it.
@@ -42,6 +43,26 @@ OTHER_PATTERNS = ["*.json", "*.txt", "*.model"]
 
 class HubDownloadError(RuntimeError):
     pass
+
+
+def check_base_model_settings(repo: str | None, revision: str, token_env_var: str, local_dir: str | None = None) -> None:
+    """The base model settings, checked before anything is downloaded, copied or built."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    problems = []
+    if local_dir and not Path(local_dir).is_dir():
+        problems.append(f"local_dir={local_dir!r}: not a directory (a model snapshot in the hub layout)")
+    if repo is not None:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError as exc:
+            problems.append(f"repo={repo!r}: not a hub repo id ({exc})")
+    if not revision.strip():
+        problems.append("revision='': name a branch, tag or commit")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", token_env_var):
+        problems.append(f"token_env_var={token_env_var!r}: not an environment variable name")
+    if problems:
+        raise ValueError("invalid base_model settings: " + "; ".join(problems))
 
 
 def _hub_error(repo: str, revision: str, exc: Exception) -> HubDownloadError:
@@ -189,9 +210,9 @@ def read_manifest(model_dir: Path) -> dict[str, Any] | None:
 def snapshot_problem(model_dir: Path, identity: dict[str, Any]) -> str | None:
     """None when `model_dir` holds an intact snapshot of `identity` (every file re-hashed);
     otherwise what is wrong with it, in words."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
+    if not Path(model_dir).is_dir():
         return f"no snapshot at {model_dir}"
+    model_dir = published(model_dir)  # one version for the manifest and every file checked
     manifest = read_manifest(model_dir)
     if manifest is None:
         return f"{model_dir} has no readable {SNAPSHOT_MANIFEST}"
@@ -215,15 +236,16 @@ def snapshot_problem(model_dir: Path, identity: dict[str, Any]) -> str | None:
 
 
 def ensure_snapshot(model_dir: Path, identity: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> Snapshot:
-    """Reuse the intact snapshot of `identity` in `model_dir`, else `build(tmp)` a fresh one
-    into a temporary sibling, record its manifest, and rename it into place."""
+    """Reuse the intact snapshot of `identity` in `model_dir` (nothing is written), else
+    `build(tmp)` a fresh one into a new version, record its manifest, and publish it."""
     model_dir = Path(model_dir)
-    problem = snapshot_problem(model_dir, identity)
-    manifest = read_manifest(model_dir)
+    current = published(model_dir) if model_dir.is_dir() else model_dir  # one version throughout
+    problem = snapshot_problem(current, identity)
+    manifest = read_manifest(current)
     if problem is None and manifest is not None:  # no problem: the manifest is there and intact
         files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
         return Snapshot(model_dir, identity, files, manifest["summary"], reused=True)
-    with atomic_dir(model_dir) as tmp:
+    with publish_dir(model_dir) as tmp:
         summary = build(tmp)
         files = file_sha256s(tmp)
         manifest = {

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from rugpt_assets.core.artifacts import atomic_file, write_jsonl
+from rugpt_assets.core.artifacts import write_jsonl
 from rugpt_assets.core.configs import RecipeConfig
-from rugpt_assets.core.sources import SOURCES
+from rugpt_assets.core.sources import CHAT_ROLES, SOURCES
 
 # Bump by hand whenever the records this module produces change (Dagster code_version).
 RECIPE_VERSION = "2"
@@ -50,7 +50,6 @@ TOKEN_RE = re.compile(r"[а-яё-]+|[a-z-]+|\d+|\S", re.IGNORECASE)
 # datasketch >= 2.0 defaults to the "affine32" permutations, which estimate different Jaccard
 # values; rulm ran datasketch 1.x, whose permutations survive bit for bit as "legacy".
 MINHASH_SCHEME = "legacy"
-CHAT_ROLES = frozenset({"user", "bot", "system"})
 
 
 @dataclass
@@ -560,12 +559,12 @@ def recipe_parity(chat_set: ChatSet) -> dict[str, Any]:
 
 
 def write_chat_set(chat_set: ChatSet, out_dir: Path) -> None:
-    """``train.jsonl`` and ``val.jsonl``; the same chat set always gives the same bytes."""
+    """``train.jsonl`` and ``val.jsonl``; the same chat set always gives the same bytes.
+    Written in place: the caller publishes the directory (`artifacts.publish_dir`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, records in (("train", chat_set.train), ("val", chat_set.val)):
-        with atomic_file(out_dir / f"{name}.jsonl") as tmp:
-            write_jsonl(tmp, records)
+        write_jsonl(out_dir / f"{name}.jsonl", records)
 
 
 def distribution(values: Sequence[int]) -> dict[str, float]:

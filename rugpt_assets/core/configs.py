@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 # The TrainConfig an adapter was trained with, saved beside it (evaluation reads its system prompt).
@@ -68,6 +69,10 @@ def _below(name: str, value: float, minimum: float) -> list[str]:
     return [] if value >= minimum else [f"{name}={value} must be at least {minimum}"]
 
 
+def _not_above(name: str, value: float, low: float) -> list[str]:
+    return [] if value > low else [f"{name}={value} must be greater than {low}"]
+
+
 @dataclass(frozen=True)
 class RecipeConfig(_Checked):
     """rulm's `create_chat_set` recipe (docs/ARCHITECTURE.md, "The chat recipe")."""
@@ -92,6 +97,15 @@ class RecipeConfig(_Checked):
             *_outside("mix_probability", self.mix_probability, 0.0, 1.0),
             *_outside("roleplay_greeting_probability", self.roleplay_greeting_probability, 0.0, 1.0),
             *_outside("roleplay_example_probability", self.roleplay_example_probability, 0.0, 1.0),
+            *_below("seed", self.seed, 0),
+            *_below("merge_short_below_chars", self.merge_short_below_chars, 0),
+            *_below("mix_long_above_chars", self.mix_long_above_chars, 0),
+            *_below("conversation_max_chars", self.conversation_max_chars, 1),
+            *(
+                [f"bad_substrings_path={self.bad_substrings_path!r} is not a file: leave it empty for rulm's list"]
+                if self.bad_substrings_path and not Path(self.bad_substrings_path).is_file()
+                else []
+            ),
         ]
 
 
@@ -135,20 +149,27 @@ class TrainConfig(_Checked):
     def check(self) -> list[str]:
         problems = [
             *_below("lora_r", self.lora_r, 1),
-            *_outside("lora_dropout", self.lora_dropout, 0.0, 1.0),
+            *_not_above("lora_alpha", self.lora_alpha, 0),
             *_below("max_tokens_count", self.max_tokens_count, 2),
-            *_below("learning_rate", self.learning_rate, 0.0),
+            *_not_above("learning_rate", self.learning_rate, 0.0),
             *_below("warmup_steps", self.warmup_steps, 0),
             *_below("per_device_batch_size", self.per_device_batch_size, 1),
             *_below("gradient_accumulation_steps", self.gradient_accumulation_steps, 1),
             *_below("eval_steps", self.eval_steps, 1),
             *_below("save_steps", self.save_steps, 1),
             *_below("max_eval_chats", self.max_eval_chats, 0),
+            *_below("weight_decay", self.weight_decay, 0.0),
+            *_not_above("max_grad_norm", self.max_grad_norm, 0.0),
+            *_below("seed", self.seed, 0),  # numpy's seeds are unsigned
         ]
+        if not 0.0 <= self.lora_dropout < 1.0:  # 1 would drop every input of the adapter
+            problems.append(f"lora_dropout={self.lora_dropout} must be at least 0 and below 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"max_steps={self.max_steps} must be -1 (no cap) or at least 1")
         if self.num_epochs <= 0:
             problems.append(f"num_epochs={self.num_epochs} must be positive")
-        if not self.lora_target_modules:
-            problems.append("lora_target_modules is empty: name at least one module (c_attn)")
+        if not self.lora_target_modules or not all(self.lora_target_modules):
+            problems.append(f"lora_target_modules={self.lora_target_modules!r}: name at least one module (c_attn), no empty names")
         if self.load_in_8bit and self.load_in_4bit:
             problems.append("load_in_8bit and load_in_4bit are both true: set one of them to false")
         if self.packing and self.pack_tokens < self.max_tokens_count:
@@ -178,6 +199,21 @@ class ExportConfig(_Checked):
             *_below("eval_max_tokens", self.eval_max_tokens, 2),
             *_below("kl_top_k", self.kl_top_k, 1),
             *_below("check_new_tokens", self.check_new_tokens, 1),
+            *([] if self.check_prompt.strip() else [f"check_prompt={self.check_prompt!r} is blank: the checks need a user message"]),
+        ]
+
+
+@dataclass(frozen=True)
+class SourceHealthConfig(_Checked):
+    """When a source snapshot is unfit to train on: the blocking check on each `raw_<name>`."""
+
+    max_reject_rate: float = setting(0.01, "Largest share of rows read that may be rejected (malformed, wrong roles, not UTF-8).")
+    max_row_drop: float = setting(0.1, "Largest fraction by which the rows kept may fall against the last healthy snapshot.")
+
+    def check(self) -> list[str]:
+        return [
+            *_outside("max_reject_rate", self.max_reject_rate, 0.0, 1.0),
+            *_outside("max_row_drop", self.max_row_drop, 0.0, 1.0),
         ]
 
 

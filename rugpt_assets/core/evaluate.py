@@ -39,7 +39,6 @@ from llm_rs import Gpt2, SessionConfig
 from safetensors import safe_open
 
 from rugpt_assets.core import ggml
-from rugpt_assets.core.artifacts import atomic_file
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.configs import TRAIN_CONFIG_FILE, ExportConfig, GenerationConfig, from_dict, to_dict
 from rugpt_assets.core.scoring import EvalSet, Reference, Scores
@@ -52,9 +51,9 @@ def load_llm_rs(path: Path, threads: int) -> tuple[Gpt2, float]:
     context is the model's own n_ctx: llm-rs would otherwise allow 2048 positions and read
     past a smaller position table.
     """
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"GGML file {path} does not exist")
+    path = Path(path).resolve()  # the file and its sidecar from one published version
     tokenizer = ggml.tokenizer_sidecar(path)
     if not tokenizer.is_file():
         raise FileNotFoundError(f"{tokenizer} is missing; write GGML files with ggml.write_ggml_f16 / quantize_ggml")
@@ -414,10 +413,11 @@ def file_numbers(
 
 
 def write_evaluation(ggml_path: Path, numbers: dict, reference: Reference | None = None) -> None:
+    """A staged file's numbers (and reference) beside it: sidecars of the set it is published
+    with (`artifacts.publish_file`), so a reader never pairs a file with another's numbers."""
     if reference is not None:
         reference.save(reference_path(ggml_path))
-    with atomic_file(evaluation_path(ggml_path)) as tmp:
-        tmp.write_text(json.dumps(numbers, ensure_ascii=False, indent=2))
+    evaluation_path(ggml_path).write_text(json.dumps(numbers, ensure_ascii=False, indent=2))
 
 
 def read_evaluation(ggml_path: Path) -> dict:

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from rugpt_assets.core.artifacts import atomic_file, weights_file_figures
+from rugpt_assets.core.artifacts import check_safetensors, published, weights_file_figures
 
 # Dagster's code_version of the GGML assets: bump when the same model would give other bytes.
 GGML_WRITER_VERSION = "1"
@@ -198,14 +198,19 @@ def tensor_plan(model_dir: Path, config: dict) -> list[tuple[str, str, Path]]:
             raise ValueError(f"{model_dir}: lm_head.weight is missing and the embeddings are not tied")
         by_ggml["model/lm_head"] = by_ggml.get("model/wte", "")
 
-    order = ["model/wte", "model/wpe"]
-    for i in range(config["n_layer"]):
-        order += [f"model/h{i}/{v}" for v in _BLOCK_NAMES.values()]
-    order += ["model/ln_f/g", "model/ln_f/b", "model/lm_head"]
+    order = _gpt2_tensor_names(config["n_layer"])
     missing = [n for n in order if not by_ggml.get(n)]
     if missing:
         raise ValueError(f"{model_dir}: safetensors lack tensors for {', '.join(missing[:5])}")
     return [(n, by_ggml[n], weight_map[by_ggml[n]]) for n in order]
+
+
+def _gpt2_tensor_names(n_layer: int) -> list[str]:
+    """Every tensor of a GPT-2 GGML file, in llm-rs's converter order."""
+    names = ["model/wte", "model/wpe"]
+    for i in range(n_layer):
+        names += [f"model/h{i}/{v}" for v in _BLOCK_NAMES.values()]
+    return names + ["model/ln_f/g", "model/ln_f/b", "model/lm_head"]
 
 
 def gpt2_config_problems(config: dict) -> list[str]:
@@ -294,8 +299,7 @@ def write_llm_rs_tokenizer(tokenizer, out_path: Path) -> None:
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     data["model"]["merges"] = bpe_merges(data)
     data["decoder"] = {"type": "Fuse"}
-    with atomic_file(out_path) as tmp:
-        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    Path(out_path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def _check_quantizable(model_dir: Path, ggml_name: str, shape: tuple[int, ...]) -> None:
@@ -334,6 +338,14 @@ def load_tensor(ggml_name: str, st_name: str, st_file: Path) -> np.ndarray:
         return _ggml_array(ggml_name, st.get_tensor(st_name))
 
 
+def _check_shapes(model_dir: Path, plan: list[tuple[str, str, Path]]) -> None:
+    """Every f16 tensor's shape, from the headers, before anything is written."""
+    for ggml_name, st_name, st_file in plan:
+        shape, dtype = stored_shape_and_dtype(ggml_name, st_name, st_file)
+        if dtype == np.float16:
+            _check_quantizable(model_dir, ggml_name, shape)
+
+
 def _ggml_array(ggml_name: str, tensor: torch.Tensor) -> np.ndarray:
     """llm-rs's converter: Conv1D weights transposed to (out, in), dtypes as `_stored_dtype`."""
     if ggml_name.endswith("/w"):
@@ -355,16 +367,19 @@ def _write_tensor_header(f, name: str, ggml_type: int, shape: tuple[int, ...]) -
 
 def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
     """Export a GPT-2 safetensors checkpoint to llm-rs's f16 GGML file, plus its `.meta` and
-    `.tokenizer.json` sidecars.
+    `.tokenizer.json` sidecars. Written in place: the caller publishes the set
+    (`artifacts.publish_file`), so the three files (and any added beside them) switch together.
 
     Streams: one tensor is read, converted and written at a time (peak memory ≈ the largest
     tensor, not the model). Returns a summary: tensors, parameters (elements stored in the
     file, a tied lm_head counted again: the denominator of bits per weight), size_bytes.
     """
-    model_dir, out_path = Path(model_dir), Path(out_path)
+    model_dir, out_path = published(model_dir), Path(out_path)
     config = json.loads((model_dir / "config.json").read_text())
     _check_config(model_dir, config)
+    check_safetensors(model_dir)
     plan = tensor_plan(model_dir, config)
+    _check_shapes(model_dir, plan)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     try:
         vocab = tokenizer_vocab_bytes(tokenizer, config["vocab_size"])
@@ -372,29 +387,26 @@ def write_ggml_f16(model_dir: Path, out_path: Path) -> dict:
         raise ValueError(f"{model_dir}: {exc}") from exc
     hparams = (config["vocab_size"], config["n_positions"], config["n_embd"], config["n_head"], config["n_layer"])
 
-    # Sidecars first: once the .bin exists, everything that goes with it does too.
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     write_llm_rs_tokenizer(tokenizer, tokenizer_sidecar(out_path))
     write_llm_rs_meta(out_path, QuantizationType.F16)
     parameters = 0
-    with atomic_file(out_path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(GGML_MAGIC, *hparams, FTYPE_F16))
-            f.write(struct.pack("<i", len(vocab)))
-            for token in vocab:
-                f.write(struct.pack("<I", len(token)))
-                f.write(token)
-            for ggml_name, st_name, st_file in plan:
-                data = load_tensor(ggml_name, st_name, st_file)
-                if data.dtype == np.float16:
-                    _check_quantizable(model_dir, ggml_name, data.shape)
-                ggml_type = GGMLQuantizationType.F16 if data.dtype == np.float16 else GGMLQuantizationType.F32
-                _write_tensor_header(f, ggml_name, ggml_type, data.shape)
-                data.tofile(f)
-                parameters += data.size
-                del data
-        written = read_ggml(tmp)
-        if list(written.tensors) != [name for name, _, _ in plan] or written.vocab != vocab:
-            raise RuntimeError(f"{tmp}: the file read back differs from what was written")
+    with open(out_path, "wb") as f:
+        f.write(_HEADER.pack(GGML_MAGIC, *hparams, FTYPE_F16))
+        f.write(struct.pack("<i", len(vocab)))
+        for token in vocab:
+            f.write(struct.pack("<I", len(token)))
+            f.write(token)
+        for ggml_name, st_name, st_file in plan:
+            data = load_tensor(ggml_name, st_name, st_file)
+            ggml_type = GGMLQuantizationType.F16 if data.dtype == np.float16 else GGMLQuantizationType.F32
+            _write_tensor_header(f, ggml_name, ggml_type, data.shape)
+            data.tofile(f)
+            parameters += data.size
+            del data
+    written = read_ggml(out_path)
+    if list(written.tensors) != [name for name, _, _ in plan] or written.vocab != vocab:
+        raise RuntimeError(f"{out_path}: the file read back differs from what was written")
     return {"tensors": len(plan), "parameters": parameters, "size_bytes": out_path.stat().st_size}
 
 
@@ -414,8 +426,7 @@ def write_llm_rs_meta(ggml_path: Path, quantization: QuantizationType) -> Path:
             QuantizationVersions.Not_Quantized if quantization == QuantizationType.F16 else QuantizationVersions.V2
         ),
     )
-    with atomic_file(meta_path(ggml_path)) as tmp:
-        tmp.write_text(json.dumps(metadata.serialize(), indent=4) + "\n")
+    meta_path(ggml_path).write_text(json.dumps(metadata.serialize(), indent=4) + "\n")
     return meta_path(ggml_path)
 
 
@@ -433,40 +444,58 @@ def read_hparams(path: Path) -> GGMLHparams:
 
 def read_ggml(path: Path) -> GGMLFile:
     """Parse a GPT-2 GGML file's header, vocabulary and tensor index; tensor data are read
-    only when asked for (`GGMLTensor`)."""
+    only when asked for (`GGMLTensor`).
+
+    A truncated or cut file fails here, naming where it ends, before llm-rs (which aborts the
+    whole process on a bad file) or any other work sees it.
+    """
     path = Path(path)
     hparams = read_hparams(path)
     buf = np.memmap(path, dtype=np.uint8, mode="r")
     pos = _HEADER.size
 
-    def ints(n: int) -> tuple[int, ...]:
+    def need(n: int, what: str) -> None:
+        if n < 0 or pos + n > len(buf):
+            raise ValueError(f"{path}: truncated or corrupt: {what} at byte {pos} runs past the end ({len(buf)} bytes)")
+
+    def ints(n: int, what: str) -> tuple[int, ...]:
         nonlocal pos
+        need(4 * n, what)
         values = struct.unpack_from(f"<{n}i", buf.data, pos)
         pos += 4 * n
         return values
 
-    (n_vocab,) = ints(1)
+    (n_vocab,) = ints(1, "the vocabulary size")
     if n_vocab != hparams.n_vocab:
         raise ValueError(f"{path}: vocabulary has {n_vocab} entries, hyperparameters say {hparams.n_vocab}")
     vocab = []
-    for _ in range(n_vocab):
-        (length,) = ints(1)
+    for i in range(n_vocab):
+        (length,) = ints(1, f"vocabulary entry {i}")
+        need(length, f"vocabulary entry {i}")
         vocab.append(bytes(buf[pos : pos + length]))
         pos += length
 
     tensors = {}
     while pos < len(buf):
-        n_dims, name_len, type_id = ints(3)
-        ne = ints(n_dims)
-        name = bytes(buf[pos : pos + name_len]).decode("utf-8")
+        n_dims, name_len, type_id = ints(3, "a tensor header")
+        if not 1 <= n_dims <= 4:
+            raise ValueError(f"{path}: corrupt tensor header at byte {pos - 12} ({n_dims} dimensions)")
+        ne = ints(n_dims, "a tensor header")
+        need(name_len, "a tensor name")
+        name = bytes(buf[pos : pos + name_len]).decode("utf-8", errors="replace")
         pos += name_len
-        ggml_type = GGMLQuantizationType(type_id)
+        try:
+            ggml_type = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise ValueError(f"{path}: tensor {name} has unknown ggml type {type_id} (corrupt file?)") from None
         block, block_bytes = GGML_QUANT_SIZES[ggml_type]
         nbytes = int(np.prod(ne, dtype=np.int64)) // block * block_bytes
-        if pos + nbytes > len(buf):
-            raise ValueError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
+        need(nbytes, f"tensor {name}")
         tensors[name] = GGMLTensor(name, ggml_type, tuple(ne), path, pos, nbytes)
         pos += nbytes
+    missing = [n for n in _gpt2_tensor_names(hparams.n_layer) if n not in tensors]
+    if missing:
+        raise ValueError(f"{path}: truncated or incomplete: it ends at byte {pos} without tensor {missing[0]}")
     return GGMLFile(hparams, vocab, tensors)
 
 

@@ -39,7 +39,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, To
 from transformers import AutoTokenizer
 
 from rugpt_assets.core import ggml
-from rugpt_assets.core.artifacts import atomic_file, weights_file_figures
+from rugpt_assets.core.artifacts import check_safetensors, published, weights_file_figures
 from rugpt_assets.core.chat_template import jinja_chat_template, ollama_template
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, GenerationConfig
 from rugpt_assets.core.quantize import max_ppl_increase
@@ -151,15 +151,18 @@ def write_gguf_f16(
     generation: GenerationConfig = GenerationConfig(),
 ) -> dict:
     """Export a GPT-2 safetensors checkpoint to an f16 GGUF file, with its Ollama Modelfile.
+    Written in place: the caller publishes the set (`artifacts.publish_file`), so the file and
+    its sidecars switch together.
 
     Streams: the tensor infos come from the safetensors headers, then one tensor is read,
     converted and written at a time (peak memory ≈ the largest tensor). Returns tensors,
     parameters (elements stored) and size_bytes.
     """
-    model_dir, out_path = Path(model_dir), Path(out_path)
+    model_dir, out_path = published(model_dir), Path(out_path)
     config = json.loads((model_dir / "config.json").read_text())
     if problems := ggml.gpt2_config_problems(config):
         raise ValueError(f"{model_dir}/config.json cannot be exported to GGUF: " + "; ".join(problems))
+    check_safetensors(model_dir)
     plan = ggml.tensor_plan(model_dir, config)
     by_name = {name: st_name for name, st_name, _ in plan}
     if by_name["model/lm_head"] == by_name["model/wte"]:
@@ -173,60 +176,60 @@ def write_gguf_f16(
     merges = ggml.bpe_merges(json.loads(tokenizer.backend_tokenizer.to_str()))
     chat_template = jinja_chat_template(system_prompt)
 
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     write_modelfile(out_path, config["n_positions"], system_prompt, generation)
-    with atomic_file(out_path) as tmp:
-        writer = GGUFWriter(tmp, ARCH)
-        _add_model_card(writer, card)
-        writer.add_file_type(LlamaFileType.MOSTLY_F16)
-        writer.add_context_length(config["n_positions"])
-        writer.add_embedding_length(config["n_embd"])
-        writer.add_feed_forward_length(config.get("n_inner") or 4 * config["n_embd"])
-        writer.add_block_count(config["n_layer"])
-        writer.add_head_count(config["n_head"])
-        writer.add_layer_norm_eps(config.get("layer_norm_epsilon", 1e-5))
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_list(tokens)
-        writer.add_token_types(token_types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-        writer.add_eos_token_id(tokenizer.eos_token_id)
-        if tokenizer.pad_token_id is not None:
-            writer.add_pad_token_id(tokenizer.pad_token_id)
-        writer.add_add_bos_token(False)
-        writer.add_add_eos_token(False)
-        writer.add_chat_template(chat_template)
-        _add_sampling(writer, generation)
+    writer = GGUFWriter(out_path, ARCH)
+    _add_model_card(writer, card)
+    writer.add_file_type(LlamaFileType.MOSTLY_F16)
+    writer.add_context_length(config["n_positions"])
+    writer.add_embedding_length(config["n_embd"])
+    writer.add_feed_forward_length(config.get("n_inner") or 4 * config["n_embd"])
+    writer.add_block_count(config["n_layer"])
+    writer.add_head_count(config["n_head"])
+    writer.add_layer_norm_eps(config.get("layer_norm_epsilon", 1e-5))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(chat_template)
+    _add_sampling(writer, generation)
 
-        gguf_names = []
-        for ggml_name, st_name, st_file in plan:
-            gguf_name = names.get_name(st_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ValueError(f"{model_dir}: no GGUF name for tensor {st_name!r}")
-            shape, dtype = ggml.stored_shape_and_dtype(ggml_name, st_name, st_file)
-            nbytes = dtype.itemsize
-            for n in shape:
-                nbytes *= n
-            writer.add_tensor_info(gguf_name, shape, dtype, nbytes)
-            gguf_names.append(gguf_name)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        parameters = 0
-        for ggml_name, st_name, st_file in plan:
-            data = ggml.load_tensor(ggml_name, st_name, st_file)
-            writer.write_tensor_data(data)
-            parameters += data.size
-            del data
-        writer.close()
+    gguf_names = []
+    for ggml_name, st_name, st_file in plan:
+        gguf_name = names.get_name(st_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"{model_dir}: no GGUF name for tensor {st_name!r}")
+        shape, dtype = ggml.stored_shape_and_dtype(ggml_name, st_name, st_file)
+        nbytes = dtype.itemsize
+        for n in shape:
+            nbytes *= n
+        writer.add_tensor_info(gguf_name, shape, dtype, nbytes)
+        gguf_names.append(gguf_name)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    parameters = 0
+    for ggml_name, st_name, st_file in plan:
+        data = ggml.load_tensor(ggml_name, st_name, st_file)
+        writer.write_tensor_data(data)
+        parameters += data.size
+        del data
+    writer.close()
 
-        written = read_gguf(tmp)
-        if (
-            [t.name for t in written.tensors] != gguf_names
-            or written.tokens != tokens
-            or written.string("tokenizer.chat_template") != chat_template
-        ):
-            raise RuntimeError(f"{tmp}: the file read back differs from what was written")
+    written = read_gguf(out_path)
+    if (
+        [t.name for t in written.tensors] != gguf_names
+        or written.tokens != tokens
+        or written.string("tokenizer.chat_template") != chat_template
+    ):
+        raise RuntimeError(f"{out_path}: the file read back differs from what was written")
     return {"tensors": len(plan), "parameters": parameters, "size_bytes": out_path.stat().st_size}
 
 
@@ -266,8 +269,7 @@ def write_modelfile(
     gguf_path: Path, n_ctx: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT, generation: GenerationConfig = GenerationConfig()
 ) -> Path:
     path = modelfile_path(gguf_path)
-    with atomic_file(path) as tmp:
-        tmp.write_text(modelfile_text(Path(gguf_path).name, n_ctx, system_prompt, generation), encoding="utf-8")
+    path.write_text(modelfile_text(Path(gguf_path).name, n_ctx, system_prompt, generation), encoding="utf-8")
     return path
 
 
@@ -364,38 +366,39 @@ class GGUFQuantReport:
 
 def quantize_gguf(f16_path: Path, gguf_type: GGUFType, out_path: Path, threads: int) -> GGUFQuantReport:
     """Quantize an f16 GGUF file (from `write_gguf_f16`) with llama.cpp's own quantizer into
-    `out_path`, with its Modelfile. llama.cpp writes to a temporary path that becomes
-    `out_path` only once it reads back right."""
+    `out_path`, with its Modelfile, and check it reads back right. Written in place: the caller
+    publishes the set (`artifacts.publish_file`)."""
     import llama_cpp
 
-    f16_path, out_path = Path(f16_path), Path(out_path)
-    if not f16_path.is_file():
+    if not Path(f16_path).is_file():
         raise FileNotFoundError(f"f16 GGUF file {f16_path} does not exist; materialize gguf_f16 first")
+    f16_path, out_path = published(f16_path), Path(out_path)  # the file and its Modelfile from one version
     f16 = read_gguf(f16_path)
     if f16.file_type != LlamaFileType.MOSTLY_F16:
         raise ValueError(f"{f16_path} has file type {f16.file_type}; quantize the f16 file ({int(LlamaFileType.MOSTLY_F16)})")
 
     start = time.perf_counter()
     modelfile = modelfile_path(f16_path).read_text(encoding="utf-8")
-    with atomic_file(modelfile_path(out_path)) as tmp:
-        tmp.write_text(modelfile.replace(f"FROM ./{f16_path.name}\n", f"FROM ./{out_path.name}\n", 1), encoding="utf-8")
-    with atomic_file(out_path) as tmp:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = int(gguf_type.file_type)
-        params.nthread = threads
-        params_ref = ctypes.byref(params)  # what the C function takes; llama_cpp's annotation wants a pointer type
-        if llama_cpp.llama_model_quantize(str(f16_path).encode(), str(tmp).encode(), params_ref) != 0:  # pyright: ignore[reportArgumentType]
-            raise RuntimeError(f"llama.cpp could not quantize {f16_path} to {gguf_type.name} (see its log above)")
-        written = read_gguf(tmp)
-        problems = []
-        if written.file_type != gguf_type.file_type:
-            problems.append(f"file type {written.file_type}, expected {int(gguf_type.file_type)}")
-        if sorted(t.name for t in written.tensors) != sorted(t.name for t in f16.tensors):  # llama.cpp reorders
-            problems.append("its tensors differ from the f16 file's")
-        if written.tokens != f16.tokens or written.string("tokenizer.chat_template") != f16.string("tokenizer.chat_template"):
-            problems.append("its tokenizer or chat template differs from the f16 file's")
-        if problems:
-            raise RuntimeError(f"llama.cpp quantized {out_path.name} wrongly: " + "; ".join(problems))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    modelfile_path(out_path).write_text(
+        modelfile.replace(f"FROM ./{f16_path.name}\n", f"FROM ./{out_path.name}\n", 1), encoding="utf-8"
+    )
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(gguf_type.file_type)
+    params.nthread = threads
+    params_ref = ctypes.byref(params)  # what the C function takes; llama_cpp's annotation wants a pointer type
+    if llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(), params_ref) != 0:  # pyright: ignore[reportArgumentType]
+        raise RuntimeError(f"llama.cpp could not quantize {f16_path} to {gguf_type.name} (see its log above)")
+    written = read_gguf(out_path)
+    problems = []
+    if written.file_type != gguf_type.file_type:
+        problems.append(f"file type {written.file_type}, expected {int(gguf_type.file_type)}")
+    if sorted(t.name for t in written.tensors) != sorted(t.name for t in f16.tensors):  # llama.cpp reorders
+        problems.append("its tensors differ from the f16 file's")
+    if written.tokens != f16.tokens or written.string("tokenizer.chat_template") != f16.string("tokenizer.chat_template"):
+        problems.append("its tokenizer or chat template differs from the f16 file's")
+    if problems:
+        raise RuntimeError(f"llama.cpp quantized {out_path.name} wrongly: " + "; ".join(problems))
     wall_time = time.perf_counter() - start
 
     figures = file_figures(out_path, f16_path)

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rugpt_assets.core.artifacts import atomic_dir
+from rugpt_assets.core.artifacts import check_safetensors, publish_dir
 from rugpt_assets.core.configs import MergeConfig
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,8 @@ def _copy_non_weights(base_dir: Path, out_dir: Path, dtype: str) -> None:
 def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = MergeConfig.dtype) -> MergeReport:
     """Write `base + LoRA` to `out_dir` in `dtype`, keeping the base's shard layout."""
     start = time.perf_counter()
-    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    # Resolved once: every file of each input set comes from one published version.
+    base_dir, adapter_dir, out_dir = Path(base_dir).resolve(), Path(adapter_dir).resolve(), Path(out_dir)
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"merge dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
     if out_dir.resolve() == base_dir.resolve():
@@ -273,6 +274,8 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = Me
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"{base_dir}/config.json is missing: not a Hugging Face model directory")
     shards, index = _base_shards(base_dir)
+    check_safetensors(base_dir)
+    check_safetensors(adapter_dir)
     deltas = _load_adapter(adapter_dir)
 
     # Match every adapter module to a base weight before writing anything.
@@ -296,7 +299,7 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = Me
             raise ValueError(f"{base_dir / shard}: {name} has shape {shape}, the LoRA delta {delta.weight_shape()}")
     weight_deltas = {f"{module}.weight": delta for module, delta in deltas.items()}
 
-    with atomic_dir(out_dir) as tmp:
+    with publish_dir(out_dir) as tmp:
         total_size = 0
         for i, shard in enumerate(shards, 1):
             log.info("merging shard %d/%d: %s", i, len(shards), shard)

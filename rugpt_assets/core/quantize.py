@@ -17,7 +17,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from llm_rs import ContainerType, Gpt2, QuantizationType
 
 from rugpt_assets.core import ggml
-from rugpt_assets.core.artifacts import atomic_file
 
 # Perplexity bound of the asset check, relative to the f16 file's perplexity:
 #     max increase = SAFETY_FACTOR * published increase + NOISE_SLACK
@@ -104,13 +103,11 @@ def quantize_ggml(
     f16_path: Path, quant: QuantType, out_path: Path, progress: Callable[[str], None] | None = None
 ) -> QuantReport:
     """Quantize an f16 GGML file (from `ggml.write_ggml_f16`) with llm-rs into `out_path`,
-    with the `.meta` and tokenizer sidecars llm-rs loads it with.
-
-    llm-rs writes the output itself: it is pointed at a temporary path that becomes `out_path`
-    only once the result reads back right, so an interrupted run leaves no partial file.
+    with the `.meta` and tokenizer sidecars llm-rs loads it with, and check it reads back right.
+    Written in place: the caller publishes the set (`artifacts.publish_file`).
     `progress` receives llm-rs's per-tensor messages.
     """
-    f16_path, out_path = Path(f16_path), Path(out_path)
+    f16_path, out_path = Path(f16_path).resolve(), Path(out_path)
     if not f16_path.is_file():
         raise FileNotFoundError(f"f16 GGML file {f16_path} does not exist; materialize ggml_f16 first")
     f16 = ggml.read_ggml(f16_path)
@@ -118,13 +115,12 @@ def quantize_ggml(
         raise ValueError(f"{f16_path} has ftype {f16.hparams.ftype}; quantize the f16 file (ftype 1)")
 
     start = time.perf_counter()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     if ggml.tokenizer_sidecar(f16_path).is_file():
-        with atomic_file(ggml.tokenizer_sidecar(out_path)) as tmp:
-            shutil.copyfile(ggml.tokenizer_sidecar(f16_path), tmp)
+        shutil.copyfile(ggml.tokenizer_sidecar(f16_path), ggml.tokenizer_sidecar(out_path))
     ggml.write_llm_rs_meta(out_path, quant.llm_rs_type)
-    with atomic_file(out_path) as tmp:
-        Gpt2.quantize(str(f16_path), str(tmp), quant.llm_rs_type, ContainerType.GGML, callback=progress)
-        _verify(tmp, f16, quant)
+    Gpt2.quantize(str(f16_path), str(out_path), quant.llm_rs_type, ContainerType.GGML, callback=progress)
+    _verify(out_path, f16, quant)
     wall_time = time.perf_counter() - start
 
     figures = ggml.file_figures(out_path, f16_path)

@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from rugpt_assets.core.artifacts import atomic_file
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
 
 ChatTokens = tuple[tuple[int, ...], tuple[int, ...]]  # (input_ids, labels)
@@ -105,8 +104,7 @@ class Reference:
         info = {"eval_set_sha256": self.eval_set_sha256, "source": self.source}
         np.savez(buffer, top_ids=self.top_ids, top_logprobs=self.top_logprobs, tail_logprobs=self.tail_logprobs,
                  info=np.array(json.dumps(info)))  # fmt: skip
-        with atomic_file(path) as tmp:
-            tmp.write_bytes(buffer.getvalue())
+        Path(path).write_bytes(buffer.getvalue())  # into the set its file is published with
 
     @classmethod
     def load(cls, path: Path) -> Reference:

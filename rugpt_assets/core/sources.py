@@ -13,8 +13,15 @@ one hub row per line) or from the hub through ``datasets``. Whatever form they a
 Values are not judged here: rulm reads a field only on the path it takes (an alpaca ``output``
 only when the alternative answer is bad, an example dialogue only on some draws), so the recipe
 judges each value where it reads it. What is rejected here, counted by reason, is what no path
-can read: ``malformed_json``, ``not_an_object``, and ``wrong_type:<col>`` for a message list or
-dialogue list that is not one. One bad row never stops a snapshot.
+can read: ``malformed_json``, ``not_utf8``, ``line_too_long``, ``not_an_object``, and
+``wrong_type:<col>`` for a message list or dialogue list that is not one. One bad row never
+stops a snapshot.
+
+Rows that are kept but do not fit the source's schema are counted too, by their first misfit
+(``missing_column:<col>``: the row lacks the column, not a null in it; ``unknown_role:<role>``:
+a message list the recipe always reads holds a role the source does not use). The recipe
+rejects such rows; a hub schema change (a renamed column, a renamed role) shows as many of
+them, which `source_health` judges before the recipe runs.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +37,8 @@ from rugpt_assets.core.artifacts import read_jsonl, sha256_file, write_jsonl
 
 SNAPSHOT_FILE = "rows.jsonl"
 MAX_REJECT_EXAMPLES = 10
+# No hub row comes near this; a longer line is read in pieces and skipped, never held whole.
+MAX_LINE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class Column:
     # False: the recipe reads this message list only on some paths, so a value that is not one
     # is kept as it is and judged there.
     always_read: bool = True
+    # The roles this source's message lists (each dialogue's chat) hold; empty: not checked.
+    roles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,10 @@ class SourceSpec:
         return Path(sources_dir) / self.local_dirname / f"{self.split}.jsonl"
 
 
-_MESSAGES = (Column("messages", "messages"),)
+CHAT_ROLES = frozenset({"user", "bot", "system"})
+ROLEPLAY_ROLES = frozenset({"user", "char", "operator"})
+
+_MESSAGES = (Column("messages", "messages", roles=CHAT_ROLES),)
 
 # In the order the recipe consumes them.
 SOURCES: tuple[SourceSpec, ...] = (
@@ -90,7 +104,7 @@ SOURCES: tuple[SourceSpec, ...] = (
             Column("context"),
             Column("greeting"),
             Column("example_dialogue", "messages", always_read=False),
-            Column("dialogues", "dialogues"),
+            Column("dialogues", "dialogues", roles=ROLEPLAY_ROLES),
         ),
     ),
 )
@@ -107,10 +121,11 @@ class SourceHubError(RuntimeError):
 
 @dataclass(frozen=True)
 class RawLineError:
-    """A line of a local source file that is not valid JSON: counted as ``malformed_json``."""
+    """A line of a local source file that cannot be read as a row: counted under ``reason``."""
 
     line: int
     error: str
+    reason: str = "malformed_json"
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,9 @@ class Snapshot:
     rejected: dict[str, int]  # reason -> count
     # "line 7: malformed_json (...)" / "row 12: wrong_type:messages", the first few, to find them.
     reject_examples: list[str]
+    # Kept rows that do not fit the schema, by first reason (module docstring), and the first few.
+    misfits: dict[str, int] = field(default_factory=dict)
+    misfit_examples: list[str] = field(default_factory=list)
 
     @property
     def rows_kept(self) -> int:
@@ -186,24 +204,46 @@ def _normalize_row(spec: SourceSpec, raw: Any) -> dict[str, Any]:
     return {column.name: _READ_COLUMN[column.kind](raw.get(column.name), column) for column in spec.columns}
 
 
+def _misfit(spec: SourceSpec, raw: dict[str, Any], row: dict[str, Any]) -> str | None:
+    """The first way a kept row does not fit the source's schema (module docstring), or None."""
+    for column in spec.columns:
+        if column.name not in raw:
+            return f"missing_column:{column.name}"
+    for column in spec.columns:
+        if not column.roles:
+            continue
+        chats = [d["chat"] for d in row[column.name]] if column.kind == "dialogues" else [row[column.name]]
+        for role in (m.get("role") for chat in chats for m in chat):
+            if not (isinstance(role, str) and role in column.roles):
+                return f"unknown_role:{role}"
+    return None
+
+
 def normalize_rows(spec: SourceSpec, raw_rows: Iterable[dict | RawLineError]) -> Snapshot:
     rows: list[dict[str, Any]] = []
     rejected: Counter[str] = Counter()
+    misfits: Counter[str] = Counter()
     examples: list[str] = []
+    misfit_examples: list[str] = []
     n = 0
     for n, raw in enumerate(raw_rows, 1):
         if isinstance(raw, RawLineError):
-            reason, where = "malformed_json", f"line {raw.line}: malformed_json ({raw.error})"
+            reason, where = raw.reason, f"line {raw.line}: {raw.reason} ({raw.error})"
         else:
             try:
                 rows.append(_normalize_row(spec, raw))
-                continue
             except _RowError as e:
                 reason, where = e.reason, f"row {n}: {e.reason}"
+            else:
+                if misfit := _misfit(spec, raw, rows[-1]):
+                    misfits[misfit] += 1
+                    if len(misfit_examples) < MAX_REJECT_EXAMPLES:
+                        misfit_examples.append(f"row {n}: {misfit}")
+                continue
         rejected[reason] += 1
         if len(examples) < MAX_REJECT_EXAMPLES:
             examples.append(where)
-    return Snapshot(rows=rows, rows_read=n, rejected=dict(rejected), reject_examples=examples)
+    return Snapshot(rows, n, dict(rejected), examples, dict(misfits), misfit_examples)
 
 
 # --- readers ---------------------------------------------------------------------------------
@@ -225,14 +265,26 @@ def _local_file(spec: SourceSpec, sources_dir: Path) -> Path:
     )
 
 
-def _json_lines(path: Path) -> Iterator[dict | RawLineError]:
+def _json_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[dict | RawLineError]:
     # Binary lines: a line with bad UTF-8 becomes a counted error instead of stopping the read.
     with open(path, "rb") as f:
-        for line_no, line in enumerate(f, 1):
+        line_no = 0
+        while line := f.readline(max_line_bytes + 1):
+            line_no += 1
+            if len(line) > max_line_bytes:
+                while not line.endswith(b"\n") and (line := f.readline(max_line_bytes)):
+                    pass  # the rest of the overlong line, piece by piece
+                yield RawLineError(line_no, f"longer than {max_line_bytes} bytes", "line_too_long")
+                continue
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawLineError(line_no, f"byte {line[e.start]:#04x} at offset {e.start}", "not_utf8")
+                continue
+            try:
+                yield json.loads(text)
             except ValueError as e:
                 yield RawLineError(line_no, str(e))
 
@@ -295,7 +347,7 @@ def load_local(spec: SourceSpec, sources_dir: Path) -> Snapshot:
 
 
 def write_snapshot(snapshot: Snapshot, out_dir: Path) -> Path:
-    """Write the normalized rows as ``rows.jsonl`` into ``out_dir`` (the caller makes it atomic)."""
+    """Write the normalized rows as ``rows.jsonl`` into ``out_dir`` (the caller publishes the set)."""
     path = Path(out_dir) / SNAPSHOT_FILE
     write_jsonl(path, snapshot.rows)
     return path

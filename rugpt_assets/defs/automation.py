@@ -43,9 +43,9 @@ class MaterializedLongAgo(dg.AutomationCondition):
 
 def retrain_condition(ignoring: dg.AssetSelection | None = None) -> dg.AutomationCondition:
     """Eager on new parent data, plus a one-shot request when this asset's code version changes;
-    never on a parent whose latest blocking check failed (`lora_adapter`'s eval-loss check stops
-    the export, although the export runs in another code location than the training). Parents in
-    `ignoring` count for none of it."""
+    never on a parent whose latest blocking check failed (an unhealthy source snapshot stops
+    chat_set; `lora_adapter`'s eval-loss check stops the export, although the export runs in
+    another code location than the training). Parents in `ignoring` count for none of it."""
     condition = (
         dg.AutomationCondition.eager()
         | (

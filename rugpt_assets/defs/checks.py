@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from rugpt_assets.core import evaluate
+from rugpt_assets.core.artifacts import published
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.configs import ExportConfig
 from rugpt_assets.core.evaluate import evaluated_with
@@ -22,6 +23,7 @@ def _check_prompt(storage: StorageResource, export: ExportConfig) -> str:
 
 
 def _generates(path: Path, asset: str, storage: StorageResource) -> dg.AssetCheckResult:
+    path = published(path)  # the file and the settings recorded with it, from one version
     export = evaluated_with(path, asset)
     model, load_s = evaluate.load_llm_rs(path, export.threads)
     out = evaluate.generate(model, _check_prompt(storage, export), export.check_new_tokens, stop_at_special=False)

@@ -6,7 +6,7 @@ import dagster as dg
 
 from rugpt_assets import settings
 from rugpt_assets.core import chat_recipe, sources
-from rugpt_assets.core.artifacts import atomic_dir
+from rugpt_assets.core.artifacts import publish_dir
 from rugpt_assets.core.configs import RecipeConfig
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.metadata import metadata_table, shorten
@@ -55,7 +55,7 @@ def chat_set(
     rows = {spec.name: sources.read_snapshot(layout.raw_source(spec.name)) for spec in sources.SOURCES}
     bad = chat_recipe.load_bad_substrings(Path(recipe.bad_substrings_path) if recipe.bad_substrings_path else None)
     result = chat_recipe.build_chat_set(rows, recipe, bad)
-    with atomic_dir(layout.chat_set) as tmp:
+    with publish_dir(layout.chat_set) as tmp:
         chat_recipe.write_chat_set(result, tmp)
     summary = chat_recipe.summarize(result)
     context.log.info(f"chat_set: {len(result.train)} train, {len(result.val)} validation chats")

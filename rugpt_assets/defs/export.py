@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from rugpt_assets import settings
 from rugpt_assets.core import evaluate, ggml
-from rugpt_assets.core.artifacts import read_jsonl, require_upstream
+from rugpt_assets.core.artifacts import publish_file, published, read_jsonl, require_upstream
 from rugpt_assets.core.configs import ExportConfig
 from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
 from rugpt_assets.core.figures import MEASURE_DIGITS, PERPLEXITY_DIGITS, QUALITY_DIGITS, percent, significant
@@ -152,9 +152,10 @@ def ggml_f16(
     )
     path = layout.ggml_f16
     eval_set = eval_set_of(storage, export)
-    ggml.write_ggml_f16(layout.merged_model, path)
-    numbers, reference = evaluate.evaluate_ggml_file(path, eval_set, export, progress=context.log.info)
-    evaluate.write_evaluation(path, numbers, reference)
+    with publish_file(path) as staged:  # the file, its sidecars, its evaluation and reference: one set
+        ggml.write_ggml_f16(layout.merged_model, staged)
+        numbers, reference = evaluate.evaluate_ggml_file(staged, eval_set, export, progress=context.log.info)
+        evaluate.write_evaluation(staged, numbers, reference)
     context.log.info(f"f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
     return dg.MaterializeResult(
         metadata={**file_metadata(path, numbers), "quantizations": quant_table(storage)}
@@ -187,10 +188,12 @@ def ggml_quantized(
     path = layout.ggml_quantized(quant.name)
     eval_set = eval_set_of(storage, export)
     evaluate.read_reference(layout.ggml_f16, eval_set)  # stale or missing: fail before quantizing
-    report = quantize_ggml(layout.ggml_f16, quant, path)
-    numbers, _ = evaluate.evaluate_ggml_file(path, eval_set, export, layout.ggml_f16, progress=context.log.info)
-    evaluate.write_evaluation(path, numbers)
-    f16 = read_evaluation(layout.ggml_f16)
+    f16_path = published(layout.ggml_f16)  # quantized, compared and read from one f16 version
+    with publish_file(path) as staged:
+        report = quantize_ggml(f16_path, quant, staged)
+        numbers, _ = evaluate.evaluate_ggml_file(staged, eval_set, export, f16_path, progress=context.log.info)
+        evaluate.write_evaluation(staged, numbers)
+    f16 = read_evaluation(f16_path)
     delta = perplexity_delta(numbers, f16)
     context.log.info(f"{quant.name}: {report.size_bytes / 2**20:.1f} MiB, perplexity {delta:+.2%} vs f16")
     # The f16 asset's table gains this row: record it there as an observation.

@@ -10,7 +10,7 @@ import dagster as dg
 
 from rugpt_assets import settings
 from rugpt_assets.core import evaluate, gguf, gguf_eval, sources
-from rugpt_assets.core.artifacts import require_upstream, sha256_file
+from rugpt_assets.core.artifacts import publish_file, published, require_upstream, sha256_file
 from rugpt_assets.core.base_model import read_manifest
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.configs import ExportConfig
@@ -99,9 +99,10 @@ def gguf_f16(context: dg.AssetExecutionContext, config: ExportRunConfig, storage
     )
     path = layout.gguf_f16
     eval_set = eval_set_of(storage, export)
-    summary = gguf.write_gguf_f16(layout.merged_model, path, model_card(storage), eval_set.system_prompt)
-    numbers, reference = gguf_eval.evaluate_gguf_file(path, eval_set, export)
-    evaluate.write_evaluation(path, numbers, reference)
+    with publish_file(path) as staged:  # the file, its Modelfile, its evaluation and reference: one set
+        summary = gguf.write_gguf_f16(layout.merged_model, staged, model_card(storage), eval_set.system_prompt)
+        numbers, reference = gguf_eval.evaluate_gguf_file(staged, eval_set, export)
+        evaluate.write_evaluation(staged, numbers, reference)
     context.log.info(f"GGUF f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
     return dg.MaterializeResult(
         metadata={
@@ -139,10 +140,12 @@ def gguf_quantized(
     path = layout.gguf_quantized(gguf_type.name)
     eval_set = eval_set_of(storage, export)
     evaluate.read_reference(layout.gguf_f16, eval_set, "gguf_f16")  # stale or missing: fail before quantizing
-    report = gguf.quantize_gguf(layout.gguf_f16, gguf_type, path, export.threads)
-    numbers, _ = gguf_eval.evaluate_gguf_file(path, eval_set, export, layout.gguf_f16)
-    evaluate.write_evaluation(path, numbers)
-    f16 = read_evaluation(layout.gguf_f16)
+    f16_path = published(layout.gguf_f16)  # quantized, compared and read from one f16 version
+    with publish_file(path) as staged:
+        report = gguf.quantize_gguf(f16_path, gguf_type, staged, export.threads)
+        numbers, _ = gguf_eval.evaluate_gguf_file(staged, eval_set, export, f16_path)
+        evaluate.write_evaluation(staged, numbers)
+    f16 = read_evaluation(f16_path)
     delta = perplexity_delta(numbers, f16)
     context.log.info(f"GGUF {gguf_type.name}: {report.size_bytes / 2**20:.1f} MiB, perplexity {delta:+.2%} vs f16")
     context.log_event(dg.AssetObservation(asset_key=gguf_f16.key, metadata={"quantizations": quant_table(storage)}))

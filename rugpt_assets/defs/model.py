@@ -13,8 +13,8 @@ import dagster as dg
 
 from rugpt_assets import settings
 from rugpt_assets.core import merge, train
-from rugpt_assets.core.artifacts import require_upstream
-from rugpt_assets.core.base_model import materialize_base_model
+from rugpt_assets.core.artifacts import published, require_upstream
+from rugpt_assets.core.base_model import check_base_model_settings, materialize_base_model
 from rugpt_assets.core.configs import MergeConfig, TrainConfig
 from rugpt_assets.core.figures import MEASURE_DIGITS, QUALITY_DIGITS, significant
 from rugpt_assets.defs.automation import retrain_condition, training_condition
@@ -59,6 +59,7 @@ class BaseModelConfig(dg.Config):
 def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
+    check_base_model_settings(config.repo, config.revision, config.token_env_var, config.local_dir)
     target = storage.layout.base_model
     token = settings.secret(config.token_env_var)
     started = time.perf_counter()
@@ -121,20 +122,21 @@ def lora_adapter(
     trainer: TrainerResource,
 ):
     layout = storage.layout
+    require_upstream(
+        "lora_adapter",
+        {"base_model": [layout.base_model / "config.json"],
+         "chat_set": [layout.chat_set / "train.jsonl", layout.chat_set / "val.jsonl"]},
+    )  # fmt: skip
+    chats = published(layout.chat_set)  # train and val from one version of the set
     job = train.TrainJob(
-        base_model_dir=layout.base_model,
-        train_path=layout.chat_set / "train.jsonl",
-        val_path=layout.chat_set / "val.jsonl",
+        base_model_dir=published(layout.base_model),
+        train_path=chats / "train.jsonl",
+        val_path=chats / "val.jsonl",
         output_dir=layout.lora_adapter,
         runs_dir=layout.training_runs,
         config=settings.config_to_dataclass(config, TrainConfig),
     )
-    require_upstream(
-        "lora_adapter",
-        {"base_model": [job.base_model_dir / "config.json"], "chat_set": [job.train_path, job.val_path]},
-    )
     job_path = layout.training_runs / f"job-{context.run_id}.json"
-    job_path.parent.mkdir(parents=True, exist_ok=True)
     job.write(job_path)
     try:
         result = trainer.run(context, job_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rugpt_assets.core import base_model
-from rugpt_assets.core.artifacts import sha256_tree
+from rugpt_assets.core.artifacts import published, sha256_tree, versions_dir
 from rugpt_assets.core.base_model import (
     SNAPSHOT_MANIFEST,
     content_sha256,
@@ -48,10 +48,15 @@ def test_same_identity_is_verified_and_reused_untouched(tmp_path):
     assert not first.reused and first.rebuilt_because.startswith("no snapshot")
     files_before = stat_of_every_file(tmp_path / "base")
 
+    version_before = published(tmp_path / "base")
+
     again = ensure_snapshot(tmp_path / "base", IDENTITY, build)
     assert again.reused and build.calls == 1
     assert again.content_sha256 == first.content_sha256 and again.summary == {"parameters": 42}
     assert stat_of_every_file(tmp_path / "base") == files_before  # not one file rewritten
+    # Nor published again: the same version, and no other one started beside it.
+    assert published(tmp_path / "base") == version_before
+    assert list(versions_dir(tmp_path / "base").iterdir()) == [version_before]
 
 
 def test_content_hash_covers_the_model_files_not_the_manifest(tmp_path):
@@ -123,7 +128,8 @@ def test_failed_build_leaves_the_previous_snapshot(tmp_path):
         ensure_snapshot(tmp_path / "base", {**IDENTITY, "revision": "r2"}, broken)
     assert snapshot_problem(tmp_path / "base", IDENTITY) is None
     assert content_sha256(tmp_path / "base") == before.content_sha256
-    assert [p.name for p in tmp_path.iterdir()] == ["base"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".base.lock", ".base.versions", "base"]
+    assert list(versions_dir(tmp_path / "base").iterdir()) == [published(tmp_path / "base")]  # no temporary left
 
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 from transformers import AutoTokenizer
 
 from rugpt_assets.core import evaluate, ggml
+from rugpt_assets.core.artifacts import publish_file, versions_dir
 from rugpt_assets.core.chat_template import render_message, render_prompt, with_system_prompt
 from rugpt_assets.core.demo_model import DemoModelSpec, build_demo_model, gpt2_weight_shapes
 
@@ -181,10 +182,10 @@ def test_failed_write_leaves_no_file(export, tmp_path, monkeypatch):
 
     original = ggml._ggml_array
     monkeypatch.setattr(ggml, "_ggml_array", failing)
-    with pytest.raises(RuntimeError, match="disk full"):
-        ggml.write_ggml_f16(export.model_dir, tmp_path / "model-f16.bin")
-    assert not (tmp_path / "model-f16.bin").exists()
-    assert not list(tmp_path.glob(".model-f16.bin.tmp-*"))
+    with pytest.raises(RuntimeError, match="disk full"), publish_file(tmp_path / "model-f16.bin") as staged:
+        ggml.write_ggml_f16(export.model_dir, staged)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model-f16.bin.lock", ".model-f16.bin.versions"]
+    assert not list(versions_dir(tmp_path / "model-f16.bin").iterdir())
 
 
 def test_bad_inputs_say_what_and_where(export, tmp_path):

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
 from rugpt_assets.core import gguf
+from rugpt_assets.core.artifacts import publish_file, versions_dir
 from rugpt_assets.core.chat_template import jinja_chat_template, render_prompt
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, GenerationConfig
 from rugpt_assets_tests.core.test_ggml import demo_export, random_gpt2
@@ -264,10 +265,10 @@ def test_failed_write_leaves_nothing(export, tmp_path, monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(ggml, "load_tensor", failing)
-    with pytest.raises(RuntimeError, match="disk full"):
-        gguf.write_gguf_f16(export.model_dir, tmp_path / "model-f16.gguf", CARD)
-    assert not (tmp_path / "model-f16.gguf").exists()
-    assert not list(tmp_path.glob(".model-f16.gguf.tmp-*"))
+    with pytest.raises(RuntimeError, match="disk full"), publish_file(tmp_path / "model-f16.gguf") as staged:
+        gguf.write_gguf_f16(export.model_dir, staged, CARD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model-f16.gguf.lock", ".model-f16.gguf.versions"]
+    assert not list(versions_dir(tmp_path / "model-f16.gguf").iterdir())  # the Modelfile went with it
 
 
 def test_bad_inputs_say_what_and_where(export, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from rugpt_assets.core import evaluate, gguf
+from rugpt_assets.core.artifacts import publish_file, versions_dir
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig, GenerationConfig
 from rugpt_assets.core.scoring import build_eval_set
@@ -182,12 +183,15 @@ def test_interrupted_quantization_leaves_no_file(export, tmp_path, monkeypatch):
 
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", dies_half_way)
     out = tmp_path / "model-q6_k.gguf"
-    with pytest.raises(KeyboardInterrupt):
-        gguf.quantize_gguf(export.gguf_f16, gguf.GGUFType.Q6_K, out, threads=1)
-    assert not out.exists() and not list(tmp_path.glob(".model-q6_k.gguf.tmp-*"))
+    with pytest.raises(KeyboardInterrupt), publish_file(out) as staged:
+        gguf.quantize_gguf(export.gguf_f16, gguf.GGUFType.Q6_K, staged, threads=1)
+    assert not out.exists() and not gguf.modelfile_path(out).exists()
+    assert not list(versions_dir(out).iterdir())
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", original)
-    report = gguf.quantize_gguf(export.gguf_f16, gguf.GGUFType.Q6_K, out, threads=1)
-    assert gguf.read_gguf(report.path).file_type == gguf.GGUFType.Q6_K.file_type
+    with publish_file(out) as staged:  # and a rerun completes
+        gguf.quantize_gguf(export.gguf_f16, gguf.GGUFType.Q6_K, staged, threads=1)
+    assert gguf.read_gguf(out).file_type == gguf.GGUFType.Q6_K.file_type
+    assert gguf.modelfile_path(out).read_text(encoding="utf-8").startswith("FROM ./model-q6_k.gguf\n")
 
 
 def test_quantize_rejects_wrong_inputs(export, quantized, tmp_path):

@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rugpt_assets.core.artifacts import sha256_tree
+from rugpt_assets.core.artifacts import published, sha256_tree, versions_dir
 from rugpt_assets.core.merge import INDEX_FILE, merge_lora
 
 VOCAB = 300
@@ -169,7 +169,7 @@ def test_failure_mid_write_leaves_the_previous_output_intact(work, tmp_path):
     with pytest.raises(ValueError, match=f"{name} has values outside the torch.float16 range"):
         merge_lora(base, work / "adapter", out, "float16")
     assert sha256_tree(out) == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert [p.name for p in versions_dir(out).iterdir()] == [published(out).name]  # no leftovers
 
 
 def test_pickle_only_base_is_refused(tmp_path):

@@ -11,7 +11,7 @@ from gguf.quants import quantize as gguf_quantize
 from transformers import AutoTokenizer
 
 from rugpt_assets.core import evaluate, ggml
-from rugpt_assets.core.artifacts import sha256_file
+from rugpt_assets.core.artifacts import publish_file, sha256_file, versions_dir
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig
 from rugpt_assets.core.quantize import QuantType, quantize_ggml
 from rugpt_assets.core.scoring import build_eval_set
@@ -112,13 +112,14 @@ def test_interrupted_quantization_leaves_no_partial_file(export, tmp_path):
         if len(messages) == 12:  # part-way through the tensors
             raise KeyboardInterrupt("interrupted")
 
-    with pytest.raises(BaseException, match="interrupted"):  # llm-rs re-raises it as a panic
-        quantize_ggml(export.f16, QuantType.Q4_0, out, progress=interrupt)
+    with pytest.raises(BaseException, match="interrupted"), publish_file(out) as staged:  # llm-rs: a panic
+        quantize_ggml(export.f16, QuantType.Q4_0, staged, progress=interrupt)
     assert len(messages) == 12
     assert not out.exists()
-    assert not list(tmp_path.glob(".model-q4_0.bin.tmp-*"))
-    report = quantize_ggml(export.f16, QuantType.Q4_0, out)  # and a rerun completes
-    assert ggml.read_ggml(report.path).hparams.ftype == QuantType.Q4_0.ftype
+    assert not list(versions_dir(out).iterdir())
+    with publish_file(out) as staged:  # and a rerun completes
+        quantize_ggml(export.f16, QuantType.Q4_0, staged)
+    assert ggml.read_ggml(out).hparams.ftype == QuantType.Q4_0.ftype
 
 
 def test_quantize_rejects_wrong_inputs(export, quantized, tmp_path):

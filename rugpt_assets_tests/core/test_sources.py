@@ -169,8 +169,8 @@ def test_read_local_yields_line_errors_and_skips_blank_lines(tmp_path):
     rows = list(read_local(SAIGA, tmp_path))
     assert rows[0] == {"messages": CHAT} and rows[3] == {"messages": CHAT}
     assert isinstance(rows[1], RawLineError) and rows[1].line == 3
-    assert isinstance(rows[2], RawLineError) and rows[2].line == 4  # bad UTF-8
-    assert load_local(SAIGA, tmp_path).rejected == {"malformed_json": 2}
+    assert isinstance(rows[2], RawLineError) and rows[2].line == 4 and rows[2].reason == "not_utf8"
+    assert load_local(SAIGA, tmp_path).rejected == {"malformed_json": 1, "not_utf8": 1}
 
 
 def test_missing_source_error_names_dataset_path_and_fix(tmp_path):

@@ -28,6 +28,7 @@ ALL_KEYS = WORKSPACE.resolve_asset_graph().materializable_asset_keys
 EDITED = sources.SOURCES_BY_NAME["ru_turbo_saiga"]
 LORA_CHECK = dg.AssetCheckKey(dg.AssetKey("lora_adapter"), "eval_loss_below_base")
 BLOCKING_CHECKS = {  # what a run of each asset evaluates with it
+    **{f"raw_{spec.name}": [dg.AssetCheckKey(dg.AssetKey(f"raw_{spec.name}"), "source_healthy")] for spec in sources.SOURCES},
     "lora_adapter": [LORA_CHECK],
     "ggml_f16": [
         dg.AssetCheckKey(dg.AssetKey("ggml_f16"), "ggml_f16_generates"),
@@ -137,6 +138,22 @@ def test_edited_source_requests_the_chain_one_location_at_a_time_then_nothing(in
         assert requested == expected
         record(instance, *requested["cpu"], *requested["gpu"])
     assert sensors.tick() == {"cpu": set(), "gpu": set()}
+
+
+def test_unhealthy_snapshot_stops_the_chain_until_a_healthy_one(instance, mirror):
+    sensors = settled(instance)
+    append_a_row(mirror)
+    observe(instance)
+    assert sensors.tick() == {"cpu": {f"raw_{EDITED.name}", "chat_set"}, "gpu": set()}  # one run: the check gates chat_set in it
+
+    # The snapshot landed and its blocking health check failed: nothing downstream is requested.
+    record(instance, f"raw_{EDITED.name}", checks_pass=False)
+    for _ in range(2):
+        assert sensors.tick() == {"cpu": set(), "gpu": set()}
+
+    # A later healthy snapshot lets chat_set (and then the rest) go.
+    record(instance, f"raw_{EDITED.name}")
+    assert sensors.tick() == {"cpu": {"chat_set"}, "gpu": set()}
 
 
 def test_failed_eval_loss_check_stops_the_export_in_the_other_location(instance, mirror):

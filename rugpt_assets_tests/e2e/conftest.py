@@ -42,7 +42,7 @@ def trained_home(tmp_path_factory) -> Path:
 def fresh_home(trained_home, tmp_path) -> Path:
     """A private copy of `trained_home` (paths inside the storage are re-pointed by env)."""
     home = tmp_path / "home"
-    shutil.copytree(trained_home, home)
+    shutil.copytree(trained_home, home, symlinks=True)
     return home
 
 

@@ -196,7 +196,7 @@ def crash_mid_training(server, instance, run_id: str, run_dir: Path) -> tuple[in
     process group (so its code server cannot report the run worker's death), then make sure the
     run worker and the trainer it started are gone. Returns the worker's pid and the step of
     the latest checkpoint left behind."""
-    server.wait_until(lambda: list(run_dir.glob("checkpoint-*")), "a checkpoint", timeout_s=900, poll_s=0.2)
+    server.wait_until(lambda: (run_dir / "checkpoint").exists(), "a checkpoint", timeout_s=900, poll_s=0.2)
     worker_pid = run_worker_pid(instance, run_id)
     assert worker_pid is not None, f"run {run_id} has no worker"
     pid, _ = worker_pid
@@ -209,7 +209,7 @@ def crash_mid_training(server, instance, run_id: str, run_dir: Path) -> tuple[in
             process.send_signal(signal.SIGKILL)
     _, alive = psutil.wait_procs([worker, *trainers], timeout=30)
     assert not alive
-    step = max(json.loads((c / "state.json").read_text())["step"] for c in run_dir.glob("checkpoint-*"))
+    step = json.loads((run_dir / "checkpoint" / "state.json").read_text())["step"]
     assert 0 < step < TRAIN_OVERRIDES["max_steps"], "killed after the training ended: make it longer"
     return pid, step
 
@@ -236,7 +236,7 @@ def killed(home, instance, layout, run_dir, tmp_path_factory) -> Killed:
     assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED  # as the crash left it
     assert adapter_bytes(layout) == published  # the killed run published nothing
     copy = tmp_path_factory.mktemp("after_kill") / "checkpoints"
-    shutil.copytree(run_dir, copy)
+    shutil.copytree(run_dir, copy, symlinks=True)  # the published links as they are
     return Killed(run_id, worker_pid, step, copy)
 
 
@@ -251,7 +251,7 @@ def server(home, killed) -> Iterator[DagsterDev]:
 def after_kill(killed, run_dir) -> Killed:
     """The checkpoint folder as the kill left it: each test meets the same state."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    shutil.copytree(killed.checkpoints, run_dir)
+    shutil.copytree(killed.checkpoints, run_dir, symlinks=True)
     return killed
 
 

@@ -35,7 +35,7 @@ localStorage.setItem('dagster-nav-collapsed', 'true');
 @pytest.fixture(scope="module")
 def server(trained_home, tmp_path_factory):
     home = tmp_path_factory.mktemp("ui") / "home"
-    shutil.copytree(trained_home, home)
+    shutil.copytree(trained_home, home, symlinks=True)
     # Pinned whatever the caller's environment says: re-materializing chat_set must not start
     # a retraining (which would re-export every quantization) while the tests look.
     with dagster_dev(home, {**home_env(home), "RUGPT_MIN_RETRAIN_HOURS": "1000"}) as server:

@@ -20,13 +20,14 @@ Where things are:
 - `loop`: `train_lora` — prepare, resume, loop, finish;
 - `cli`: ``python -m rugpt_assets.core.train``.
 
-Resume. Checkpoints live in ``runs_dir/<run key>/checkpoint-<step>/`` (LoRA weights, optimizer,
-scheduler, grad scaler, step, history). The run key hashes the TrainConfig, the world size, the
-bytes of the train/val files and the base model's content hash (the one its snapshot manifest
-recorded, see `base_model`; hashed from the files when there is no manifest). A run with the
-same key continues from its latest checkpoint; anything else starts fresh. Data order and
-dropout masks are functions of (seed, step, rank), so the step is all the data position and RNG
-state a resumed run needs to repeat the uninterrupted one.
+Resume. The latest checkpoint lives in ``runs_dir/<run key>/checkpoint/`` (LoRA weights,
+optimizer, scheduler, grad scaler, step, history), replaced at each save by the publication
+rule. The run key hashes the TrainConfig, the world size, the bytes of the train/val files and
+the base model's content hash (the one its snapshot manifest recorded, see `base_model`; hashed
+from the files when there is no manifest). A run with the same key continues from its latest
+checkpoint; anything else starts fresh. Data order and dropout masks are functions of (seed,
+step, rank), so the step is all the data position and RNG state a resumed run needs to repeat
+the uninterrupted one.
 
 Loss. Every optimizer step averages next-token cross-entropy over all target tokens of its
 rows, whichever micro-batch or rank they land on; so packing, gradient accumulation and DDP

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from rugpt_assets.core import base_model
-from rugpt_assets.core.artifacts import atomic_dir, sha256_file
+from rugpt_assets.core.artifacts import collect, publish_dir, publish_file, published, sha256_file
 from rugpt_assets.core.configs import to_dict
 from rugpt_assets.core.train.job import TrainJob
 from rugpt_assets.core.train.model import trainable
@@ -44,32 +43,31 @@ def open_run(job: TrainJob, rt: Runtime) -> tuple[Path, str]:
     key = run_key(job, rt.world_size)
     run = job.runs_dir / key[:16]
     if rt.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        for stale in run.glob(".checkpoint-*"):  # temporaries of a killed save
-            shutil.rmtree(stale, ignore_errors=True)
-        (run / "run.json").write_text(json.dumps({"run_key": key, **job.to_json()}, indent=2))
+        with publish_file(run / "run.json") as tmp:
+            tmp.write_text(json.dumps({"run_key": key, **job.to_json()}, indent=2))
+        collect(run / "checkpoint")  # a resumed run may never save again
     if rt.distributed:
         dist.barrier()  # every rank sees the same checkpoints, so all resume from the same step
     return run, key
 
 
 def checkpoints(run: Path) -> list[Path]:
-    return sorted(run.glob("checkpoint-*"))  # zero-padded steps sort in order
+    """The run's published checkpoint, if it has one (a one-element list, else empty)."""
+    return [run / "checkpoint"] if (run / "checkpoint").exists() else []
 
 
 def save_checkpoint(run: Path, model, optimizer, scheduler, scaler, state: State) -> None:
-    with atomic_dir(run / f"checkpoint-{state['step']:06d}") as tmp:
+    with publish_dir(run / "checkpoint") as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable(model).items()}, tmp / "lora.safetensors")
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
             tmp / "optimizer.pt",
         )
         (tmp / "state.json").write_text(json.dumps(state))
-    for old in checkpoints(run)[:-1]:
-        shutil.rmtree(old)
 
 
 def load_checkpoint(path: Path, key: str, model, optimizer, scheduler, scaler, rt: Runtime) -> State:
+    path = published(path)  # its three files from one version
     state = json.loads((path / "state.json").read_text())
     if state["run_key"] != key:
         raise RuntimeError(f"{path} belongs to another run; delete it to start fresh")

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rugpt_assets.core.artifacts import atomic_file
 from rugpt_assets.core.configs import TrainConfig, from_dict, to_dict
 
 JOB_PATHS = ("base_model_dir", "train_path", "val_path", "output_dir", "runs_dir")
@@ -19,7 +18,7 @@ class TrainJob:
     base_model_dir: Path
     train_path: Path  # jsonl rows {"messages": [{"role", "content"}, ...], "source": ...}
     val_path: Path
-    output_dir: Path  # the adapter, written atomically
+    output_dir: Path  # the adapter, published as one set (artifacts.publish_dir)
     runs_dir: Path  # checkpoints, one subdirectory per run key
     config: TrainConfig = field(default_factory=TrainConfig)
 
@@ -42,8 +41,9 @@ class TrainJob:
         return {**{k: str(getattr(self, k)) for k in JOB_PATHS}, "train": to_dict(self.config)}
 
     def write(self, path: Path) -> None:
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+        """The trainer's input, written before the trainer starts (not an artifact)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
+from rugpt_assets.core.artifacts import check_safetensors
 from rugpt_assets.core.configs import TrainConfig
 from rugpt_assets.core.packing import Row, TokenizedChat, collate
 from rugpt_assets.core.train.checkpoints import State, checkpoints, load_checkpoint, open_run, save_checkpoint
@@ -84,6 +85,7 @@ def prepare(job: TrainJob, rt: Runtime) -> Training:
     """The chats, checked against the model and the step size; the run's checkpoint directory;
     the model with a fresh adapter, its optimizer, learning-rate schedule and grad scaler."""
     cfg = job.config
+    check_safetensors(job.base_model_dir)  # a truncated shard fails now, not after tokenizing
     tokenizer = AutoTokenizer.from_pretrained(job.base_model_dir, trust_remote_code=False)
     train_chats, skipped = load_chats(job.train_path, tokenizer, cfg)
     val_chats = load_chats(job.val_path, tokenizer, cfg)[0][: cfg.max_eval_chats or None]

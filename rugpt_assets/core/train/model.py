@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from rugpt_assets.core.artifacts import atomic_dir
+from rugpt_assets.core.artifacts import publish_dir
 from rugpt_assets.core.configs import TRAIN_CONFIG_FILE, TrainConfig, to_dict
 from rugpt_assets.core.train.job import TrainJob
 from rugpt_assets.core.train.runtime import Runtime
@@ -92,8 +92,8 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict[str, Any], png: bytes) -> None:
     """adapter_config.json, adapter_model.safetensors, tokenizer, generation_config.json (from the
     base), the TrainConfig (train_config.json), metrics.json and loss_curve.png; checked, then
-    renamed into place."""
-    with atomic_dir(job.output_dir) as tmp:
+    published."""
+    with publish_dir(job.output_dir) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(tmp)
         generation = job.base_model_dir / "generation_config.json"

@@ -38,7 +38,8 @@ class Runtime:
 
 
 def start_runtime(cfg: TrainConfig) -> Runtime:
-    """Device, precision and DDP rank; rejects settings that cannot run here before anything loads."""
+    """Device, precision and DDP rank; rejects settings that cannot run here before anything loads
+    (`TrainConfig` itself rejects values that cannot run anywhere)."""
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
         raise ValueError("device='cuda' but no CUDA GPU is visible: set device to 'auto' or 'cpu'")
