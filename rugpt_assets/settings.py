@@ -46,7 +46,8 @@ class Environment:
     """Every environment variable the package reads. An unset or empty variable means the default.
 
     Read afresh by `environment()` wherever a value is used at run time (the storage root, the
-    source mirror, the retrain interval); the profile, built from it once, fixes the rest.
+    source mirror, the retrain interval); the profile, built from it once, fixes the rest. Hub
+    tokens are not here: a config names the variable that holds one (`secret`).
     """
 
     profile: str = variable("RUGPT_PROFILE", "demo", "Which profile the code locations run: demo or rugpt35.")
@@ -74,7 +75,9 @@ class Environment:
         "RUGPT_MIN_RETRAIN_HOURS", 6.0, "Hours lora_adapter waits after its last materialization before automation retrains it."
     )
     observe_cron: str = variable("RUGPT_OBSERVE_CRON", "0 * * * *", "Cron schedule of the source observations.")
-    serve_host: str = variable("RUGPT_HOST", "127.0.0.1", "Address the OpenAI-compatible server binds to.")
+    serve_host: str = variable(
+        "RUGPT_HOST", "127.0.0.1", "Address the OpenAI-compatible server binds to (tasks.py binds the Dagster UI there too)."
+    )
 
     @classmethod
     def read(cls, environ: Mapping[str, str]) -> Environment:
