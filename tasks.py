@@ -2,7 +2,7 @@
 """Fresh-machine entry points; needs only Python ≥ 3.11 with pip.
 
     python3 tasks.py demo    # set up .venv, materialize the whole graph, serve the UI on 127.0.0.1:3000
-    python3 tasks.py test    # set up .venv, run the test suite
+    python3 tasks.py test    # set up .venv, lint (ruff), type-check (basedpyright), run the test suite
 
     python3 tasks.py demo --gguf-quantizations   # also every GGUF quantization (needs the gguf extra)
 
@@ -99,7 +99,13 @@ def restore_default_signals() -> None:
 
 def test() -> int:
     ensure_env(required_extras=("gguf",))
-    return subprocess.call([str(PYTHON), "-m", "pytest", *sys.argv[2:]], cwd=ROOT, env=venv_env())
+    env = venv_env()
+    # Lint and import order, then types (pyproject.toml configures both), then the tests.
+    for check in ([BIN / "ruff", "check", "."], [BIN / "basedpyright", "--pythonpath", PYTHON]):
+        log(f"{check[0].name} …")
+        if status := subprocess.call([str(a) for a in check], cwd=ROOT, env=env):
+            return status
+    return subprocess.call([str(PYTHON), "-m", "pytest", *sys.argv[2:]], cwd=ROOT, env=env)
 
 
 if __name__ == "__main__":

@@ -235,7 +235,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for step, r in results.items():
         if step.startswith("llm-rs"):
-            notes = f"load {r['load_s']:.1f} s, {r['tokens_per_s']:.2f} tokens/s; at the end RssAnon {r.get('RssAnon', 0):.2f} GB, RssFile {r.get('RssFile', 0):.2f} GB"
+            notes = (
+                f"load {r['load_s']:.1f} s, {r['tokens_per_s']:.2f} tokens/s; "
+                f"at the end RssAnon {r.get('RssAnon', 0):.2f} GB, RssFile {r.get('RssFile', 0):.2f} GB"
+            )
         elif step == "greedy check":
             notes = f"the f16 check's reference: {r['tokens']} next-token choices of the merged safetensors in one pass"
         elif step in ("write f16", f"quantize {args.quant}"):

@@ -81,7 +81,7 @@ def child(step: str, work: Path, spec: dict, threads: int) -> dict:
     from rugpt_assets.core.quantize import QuantType, quantize_ggml
 
     if step == "llm-rs":
-        from llm_rs.convert import AutoConverter
+        from llm_rs.convert.auto_converter import AutoConverter
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak from here, after imports
     runtime_gb = rss_gb("VmRSS")
     start = time.perf_counter()

@@ -95,9 +95,9 @@ def child(step: str, args) -> dict:
 
     from rugpt_assets.core import evaluate, ggml, gguf, gguf_eval
     from rugpt_assets.core.configs import ExportConfig
-    from rugpt_assets.core.scoring import build_eval_set
     from rugpt_assets.core.gguf import GGUFType
     from rugpt_assets.core.quantize import QuantType, quantize_ggml
+    from rugpt_assets.core.scoring import build_eval_set
 
     work, model_dir = args.work_dir, args.model_dir or args.work_dir / "model"
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak from here, after imports

@@ -51,7 +51,7 @@ def build(work: Path, n_embd: int, n_layer: int, n_head: int, vocab: int, n_posi
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
-    model.save_pretrained(work / "adapter")
+    model.save_pretrained(str(work / "adapter"))
 
 
 def merge_with_peft(base: Path, adapter: Path, out: Path) -> None:
@@ -155,7 +155,7 @@ def main() -> None:
         results[method] = run_child(method, work, spec)
     check = compare(work / "peft", work / "stream", work / "base")
 
-    print(f"| method | output | wall s | peak RSS GB | output GB |\n|---|---|---|---|---|")
+    print("| method | output | wall s | peak RSS GB | output GB |\n|---|---|---|---|---|")
     for method, label, dtype in (("peft", "PEFT merge_and_unload", "float32"), ("stream", "merge_lora", "float16")):
         r = results[method]
         print(f"| {label} | {dtype} | {r['wall_s']:.0f} | {r['peak_rss_gb']:.2f} | {dir_gb(work / method):.2f} |")

@@ -127,7 +127,7 @@ class Sampler(threading.Thread):
         self.psutil, self.interval, self.samples, self.stopped = psutil, interval, [], threading.Event()
         self.daemon_pid = daemon_pid
         try:
-            import pynvml
+            import pynvml  # pyright: ignore[reportMissingImports]  # on GPU machines
 
             pynvml.nvmlInit()
             self.gpu = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)

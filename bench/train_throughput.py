@@ -15,12 +15,13 @@ steps, then ``--steps`` timed steps (each ``--micro-batches`` micro-batches, syn
 timed micro-batches are the same in every repeat, so a first repeat slower than the others
 shows too little warm-up. Reported per variant: the median real (non-padding) tokens/s over the
 repeats with its range, MFU = tokens/s × 4N / 790e12 (N = the base model's parameters: forward
-and activation gradients, no weight gradients for frozen weights), peak allocated memory, the graphs torch.compile built during timed steps (0: no
-recompilation), and the speed-up against the seed shape: the ratio of the medians, with the
-range of the per-repeat ratios. A variant that runs out of memory or fails prints that and the
-rest go on; results are written after every visit. Compiled blocks are switched off for eager
-variants (``torch.compiler.set_stance("force_eager")``), so variants interleave freely; a
-quantized variant loads its own base, so run those with ``--repeats 1``.
+and activation gradients, no weight gradients for frozen weights), peak allocated memory, the
+graphs torch.compile built during timed steps (0: no recompilation), and the speed-up against
+the seed shape: the ratio of the medians, with the range of the per-repeat ratios. A variant
+that runs out of memory or fails prints that and the rest go on; results are written after every
+visit. Compiled blocks are switched off for eager variants
+(``torch.compiler.set_stance("force_eager")``), so variants interleave freely; a quantized
+variant loads its own base, so run those with ``--repeats 1``.
 
 The ``_8bit`` and ``_4bit`` (nf4) variants answer how the recipe runs on a 24 GB card. They need
 bitsandbytes and a checkpoint on disk: the same random model is written once as bf16
@@ -56,7 +57,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -469,7 +470,7 @@ def cli_proof(args) -> None:
              "gradient_checkpointing": False, "attn_implementation": "packed_varlen", "device": "cuda"}  # fmt: skip
     runs = {"bf16": {"compile_blocks": True}, "8bit": {"load_in_8bit": True}}
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  # pyright: ignore[reportMissingImports]  # the gpu extra
     except ImportError:
         del runs["8bit"]
         print("bitsandbytes is not installed: the 8-bit run is skipped", flush=True)
@@ -512,7 +513,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out", help="folder for train_throughput.{md,json}")
     parser.add_argument("--cli-proof", metavar="DIR", help="run the CLI trainer end to end instead (see above)")
     args = parser.parse_args()
-    print(datetime.now(timezone.utc).isoformat(timespec="seconds"), " ".join(sys.argv), flush=True)
+    print(datetime.now(UTC).isoformat(timespec="seconds"), " ".join(sys.argv), flush=True)
     if args.cli_proof:
         cli_proof(args)
     else:

@@ -15,9 +15,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rugpt_assets.core.chat_template import BOT_ROLE, Message, render_prompt
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, ExportConfig, GenerationConfig
+
+if TYPE_CHECKING:  # imported when a file is loaded, not at start-up
+    from rugpt_assets.core.evaluate import Generation
 
 F16 = "f16"
 FORMATS = ("ggml", "gguf")
@@ -81,7 +85,7 @@ class Runtime:
 
     n_ctx: int
     count_tokens: Callable[[str], int]
-    generate: Callable[..., object]  # (prompt, max_new_tokens, sampling=, on_text=, seed=) -> evaluate.Generation
+    generate: Callable[..., Generation]  # (prompt, max_new_tokens, sampling=, on_text=, seed=)
     load_time_s: float
 
 
@@ -115,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     defaults = GenerationConfig()
     parser = argparse.ArgumentParser(
         prog="python -m rugpt_assets.chat",
-        description=__doc__.split("\n")[0],
+        description=(__doc__ or "").split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--format", choices=FORMATS, help="ggml (llm-rs) or gguf (llama.cpp); default: from --model's suffix, else ggml")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--quant", help="f16 or a quantization type of the format, from the storage layout (default: ggml Q5_1, gguf Q5_K_M)")
+    which.add_argument(
+        "--quant", help="f16 or a quantization type of the format, from the storage layout (default: ggml Q5_1, gguf Q5_K_M)"
+    )
     which.add_argument("--model", type=Path, help="a GGML or GGUF file instead of the storage layout's")
     parser.add_argument("--threads", type=int, default=ExportConfig().threads, help="inference threads")
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)

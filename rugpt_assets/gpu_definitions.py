@@ -8,20 +8,14 @@ from __future__ import annotations
 import dagster as dg
 
 from rugpt_assets import settings
-from rugpt_assets.defs import model
+from rugpt_assets.defs import jobs, model
 from rugpt_assets.defs.automation import gpu_automation_sensor
 from rugpt_assets.defs.resources import resources_for
 
-train_job = dg.define_asset_job(
-    "train",
-    selection=dg.AssetSelection.assets(model.lora_adapter),
-    description="Train the LoRA adapter on the latest chat_set and base_model (one GPU run).",
-)
-
 defs = dg.Definitions(
     assets=[model.lora_adapter],
-    jobs=[train_job],
+    jobs=[jobs.train_job],
     sensors=[gpu_automation_sensor],
-    resources=resources_for(settings.active_profile()),
+    resources=resources_for(settings.profile()),
     executor=dg.in_process_executor,  # one step per run: no second process to start
 )

@@ -108,6 +108,8 @@ class RoutingRunLauncher(RunLauncher, ConfigurableClass):
         """The side a run goes to: "gpu" when every step it executes is in a GPU pool, "cpu"
         when none is. The pools come from the run's execution plan snapshot (the steps this run
         executes, nothing else); a step without a pool is not a GPU step."""
+        if run.execution_plan_snapshot_id is None:
+            raise ValueError(f"run {run.run_id} has no execution plan to route by")
         plan = self._instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
         executed = set(plan.step_keys_to_execute)
         pools = {step.key: step.pool for step in plan.steps if step.key in executed}
@@ -132,8 +134,10 @@ class RoutingRunLauncher(RunLauncher, ConfigurableClass):
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
         self._instance.add_run_tags(run.run_id, {LAUNCHER_TAG: self.side_for(run)})
-        run = self._instance.get_run_by_id(run.run_id)
-        self._started(run).launch_run(context._replace(dagster_run=run))
+        tagged = self._instance.get_run_by_id(run.run_id)
+        if tagged is None:
+            raise ValueError(f"run {run.run_id} vanished from the instance while it was being launched")
+        self._started(tagged).launch_run(context._replace(dagster_run=tagged))
 
     def terminate(self, run_id: str) -> bool:
         run = self._instance.get_run_by_id(run_id)

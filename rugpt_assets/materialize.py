@@ -19,6 +19,7 @@ import dagster as dg
 from rugpt_assets import definitions, gpu_definitions
 from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.quantize import QuantType
+from rugpt_assets.defs import jobs
 
 CPU_POOL_SLOTS = 2  # quantizations side by side; the gpu pool keeps dagster.yaml's default of 1
 
@@ -51,10 +52,10 @@ def run(plan: Sequence[Step]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rugpt_assets.materialize", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rugpt_assets.materialize", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--gguf-quantizations", action="store_true", help="also every GGUF quantization partition")
     args = parser.parse_args(argv)
-    if args.gguf_quantizations and not definitions.quantize_gguf_jobs:
+    if args.gguf_quantizations and not jobs.quantize_gguf_jobs:
         parser.error("--gguf-quantizations needs llama-cpp-python: install the project with the `gguf` extra")
     status = run(TRAIN_AND_EXPORT + QUANTIZE + (QUANTIZE_GGUF if args.gguf_quantizations else []))
     if status == 0:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -98,18 +97,19 @@ def create_app(path: Path, threads: int, alias: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rugpt_assets import settings
     from rugpt_assets.chat import resolve_model_path
     from rugpt_assets.core import gguf_eval
 
     parser = argparse.ArgumentParser(
         prog="python -m rugpt_assets.serve",
-        description=__doc__.split("\n")[0],
+        description=(__doc__ or "").split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quant", default="Q5_K_M", help="f16 or a GGUF quantization type, from the storage layout")
     which.add_argument("--model", type=Path, help="a GGUF file instead of the storage layout's")
-    parser.add_argument("--host", default=os.environ.get("RUGPT_HOST", "127.0.0.1"))
+    parser.add_argument("--host", default=settings.environment().serve_host)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=ExportConfig().threads, help="llama.cpp threads")
     parser.add_argument("--alias", default="rugpt", help="the model name clients ask for")

@@ -11,7 +11,7 @@ GPU_POOL = "gpu"  # dagster.yaml's `gpu_pools`
 def step_pools(defs: dg.Definitions) -> dict[str, str | None]:
     """Every op a run of this location can execute (assets, observations, checks), with its pool."""
     job = defs.resolve_implicit_global_asset_job_def()
-    return {node.name: node.definition.pool for node in job.graph.nodes}
+    return {node.name: node.definition.pool for node in job.graph.nodes if isinstance(node.definition, dg.OpDefinition)}
 
 
 STEP_POOLS = {**step_pools(definitions.defs), **step_pools(gpu_definitions.defs)}

@@ -80,9 +80,17 @@ def resolve_revision(repo: str, revision: str, token: str | None) -> str:
     from huggingface_hub import HfApi
 
     try:
-        return HfApi(token=token).model_info(repo, revision=revision, files_metadata=False).sha
+        info = HfApi(token=token).model_info(repo, revision=revision, files_metadata=False)
     except Exception as exc:
         raise _hub_error(repo, revision, exc) from exc
+    return _commit(info, repo, revision)
+
+
+def _commit(info: Any, repo: str, revision: str) -> str:
+    """The commit a hub answer names (the hub always sends one for an existing revision)."""
+    if not info.sha:
+        raise RuntimeError(f"the hub named no commit for {repo}@{revision}")
+    return info.sha
 
 
 def download_base_model(repo: str, revision: str, out_dir: Path, token: str | None) -> str:
@@ -102,7 +110,7 @@ def download_base_model(repo: str, revision: str, out_dir: Path, token: str | No
     shutil.rmtree(Path(out_dir) / ".cache", ignore_errors=True)
     if not has_safetensors:
         convert_bin_to_safetensors(Path(out_dir))
-    return info.sha
+    return _commit(info, repo, revision)
 
 
 def local_snapshot_files(src_dir: Path) -> list[Path]:
@@ -233,8 +241,8 @@ def ensure_snapshot(model_dir: Path, identity: dict[str, Any], build: Callable[[
     model_dir = Path(model_dir)
     current = published(model_dir) if model_dir.is_dir() else model_dir  # one version throughout
     problem = snapshot_problem(current, identity)
-    if problem is None:
-        manifest = read_manifest(current)
+    manifest = read_manifest(current)
+    if problem is None and manifest is not None:  # no problem: the manifest is there and intact
         files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
         return Snapshot(model_dir, identity, files, manifest["summary"], reused=True)
     with publish_dir(model_dir) as tmp:
@@ -248,7 +256,7 @@ def ensure_snapshot(model_dir: Path, identity: dict[str, Any], build: Callable[[
         }
         (tmp / SNAPSHOT_MANIFEST).parent.mkdir()
         (tmp / SNAPSHOT_MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    return Snapshot(model_dir, identity, files, summary, reused=False, rebuilt_because=problem)
+    return Snapshot(model_dir, identity, files, summary, reused=False, rebuilt_because=problem or "no manifest")
 
 
 def content_sha256(model_dir: Path) -> str:

@@ -40,7 +40,7 @@ from safetensors import safe_open
 
 from rugpt_assets.core import ggml
 from rugpt_assets.core.chat_template import render_prompt
-from rugpt_assets.core.configs import TRAIN_CONFIG_FILE, ExportConfig, GenerationConfig
+from rugpt_assets.core.configs import TRAIN_CONFIG_FILE, ExportConfig, GenerationConfig, from_dict, to_dict
 from rugpt_assets.core.scoring import EvalSet, Reference, Scores
 
 
@@ -136,7 +136,8 @@ def generate(
         return False
 
     start = time.perf_counter()
-    result = model.generate(prompt, config, callback=on_piece)
+    # llm-rs's stub declares a second, embedding `generate` that hides this one.
+    result = model.generate(prompt, config, callback=on_piece)  # pyright: ignore[reportCallIssue]
     seconds = time.perf_counter() - start - result.times.prompt_feeding / 1000
     if tail := text.flush():
         chunks.append(tail)
@@ -401,8 +402,9 @@ def file_numbers(
         "eval_chats": len(eval_set.chats),
         "eval_tokens": scores.tokens,
         "eval_set_sha256": eval_set.sha256,
-        "sample_prompt": export.check_prompt,
         "sample_text": sample.text,
+        # What the file was evaluated with; its asset checks read it back (`evaluated_with`).
+        "export_config": to_dict(export),
     }
     if scores.has_reference:
         numbers |= {"kl_to_f16": scores.kl, "f16_tail_mass": scores.reference_tail_mass}
@@ -420,6 +422,15 @@ def write_evaluation(ggml_path: Path, numbers: dict, reference: Reference | None
 
 def read_evaluation(ggml_path: Path) -> dict:
     return json.loads(evaluation_path(ggml_path).read_text())
+
+
+def evaluated_with(path: Path, asset: str) -> ExportConfig:
+    """The export settings the file's last materialization ran with (its launchpad values), so
+    the asset's checks load, prompt and generate as the asset did."""
+    numbers = read_evaluation(path)
+    if "export_config" not in numbers:
+        raise ValueError(f"{evaluation_path(path)} records no export settings: materialize {asset} again")
+    return from_dict(ExportConfig, numbers["export_config"])
 
 
 def perplexity_delta(numbers: dict, f16_numbers: dict) -> float:

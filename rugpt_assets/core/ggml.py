@@ -146,7 +146,7 @@ class GGMLTensor:
 
 
 def _read_exactly(f, offset: int, out: np.ndarray) -> None:
-    view = memoryview(out).cast("B")
+    view = out.data.cast("B")
     f.seek(offset)
     done = 0
     while done < len(view):  # one read returns at most ~2 GB on Linux
@@ -461,7 +461,7 @@ def read_ggml(path: Path) -> GGMLFile:
     def ints(n: int, what: str) -> tuple[int, ...]:
         nonlocal pos
         need(4 * n, what)
-        values = struct.unpack_from(f"<{n}i", buf, pos)
+        values = struct.unpack_from(f"<{n}i", buf.data, pos)
         pos += 4 * n
         return values
 

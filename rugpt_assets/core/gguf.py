@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, TokenType
@@ -285,7 +286,7 @@ class GGUFTensorInfo:
 
 @dataclass(frozen=True)
 class GGUFContents:
-    fields: dict[str, object] = field(repr=False)  # key → value (strings decoded, arrays as lists)
+    fields: dict[str, Any] = field(repr=False)  # key → value (strings decoded, arrays as lists)
     tensors: list[GGUFTensorInfo] = field(repr=False)
 
     def string(self, key: str) -> str | None:
@@ -385,7 +386,8 @@ def quantize_gguf(f16_path: Path, gguf_type: GGUFType, out_path: Path, threads: 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(gguf_type.file_type)
     params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(), ctypes.byref(params)) != 0:
+    params_ref = ctypes.byref(params)  # what the C function takes; llama_cpp's annotation wants a pointer type
+    if llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(), params_ref) != 0:  # pyright: ignore[reportArgumentType]
         raise RuntimeError(f"llama.cpp could not quantize {f16_path} to {gguf_type.name} (see its log above)")
     written = read_gguf(out_path)
     problems = []

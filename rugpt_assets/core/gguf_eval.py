@@ -160,6 +160,8 @@ def generate(
             "repeat_penalty": sampling.repetition_penalty,
         }
     vocab = low.llama_model_get_vocab(llama.model)
+    if vocab is None:
+        raise RuntimeError("llama.cpp returned no vocabulary for the loaded model")
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces, chunks, ended = [], [], False
 

@@ -225,7 +225,7 @@ def _write_shard(src: Path, dst: Path, deltas: dict[str, _Delta], output: torch.
             info = header[name]
             tensor = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
             fin.seek(data_start + info["data_offsets"][0])
-            if fin.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
+            if fin.readinto(tensor.view(-1).view(torch.uint8).numpy().data) != tensor.nbytes:
                 raise ValueError(f"{src}: tensor {name} is truncated")
             delta = deltas.get(_canonical(name))
             if delta is not None:
@@ -240,7 +240,7 @@ def _write_shard(src: Path, dst: Path, deltas: dict[str, _Delta], output: torch.
                         "merge to bfloat16 or float32 instead"
                     )
             tensor = tensor.to(dtype)
-            fout.write(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+            fout.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
     return offset
 
 

@@ -88,14 +88,13 @@ class Batch:
     cu_seq_lens: torch.Tensor
 
     def to(self, device: torch.device) -> Batch:
-        move = dict(device=device, non_blocking=True)
         return Batch(
-            self.input_ids.to(**move),
-            self.position_ids.to(**move),
-            self.targets.to(**move),
+            self.input_ids.to(device, non_blocking=True),
+            self.position_ids.to(device, non_blocking=True),
+            self.targets.to(device, non_blocking=True),
             self.n_tokens,
             self.n_targets,
-            self.cu_seq_lens.to(**move),
+            self.cu_seq_lens.to(device, non_blocking=True),
         )
 
     def attention_kwargs(self) -> dict:

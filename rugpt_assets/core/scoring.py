@@ -145,8 +145,13 @@ class Scores:
             self._kept.append((ids.int(), top, _outside(logprobs, ids)))
         self.tokens += n
 
+    def _required_reference(self) -> Reference:
+        if self._reference is None:
+            raise ValueError("scored without a reference: there is no KL to f16")
+        return self._reference
+
     def _add_kl(self, logprobs: torch.Tensor, rows: slice) -> None:
-        ref = self._reference
+        ref = self._required_reference()
         if rows.stop > len(ref):
             raise ValueError(f"more target tokens than the reference's {len(ref)}: not the same evaluation set")
         ids = torch.from_numpy(ref.top_ids[rows]).long()
@@ -167,8 +172,9 @@ class Scores:
         return float(np.exp(self._nll / self.tokens))
 
     def _check_complete(self) -> None:
-        if self.tokens != len(self._reference):
-            raise ValueError(f"scored {self.tokens} target tokens, the reference has {len(self._reference)}")
+        reference = self._required_reference()
+        if self.tokens != len(reference):
+            raise ValueError(f"scored {self.tokens} target tokens, the reference has {len(reference)}")
 
     @property
     def kl(self) -> float:

@@ -313,14 +313,17 @@ def hub_revision(spec: SourceSpec, revision: str | None = None, token: str | Non
     import huggingface_hub  # heavy, and only the hub path needs it
 
     try:
-        return huggingface_hub.HfApi().dataset_info(spec.repo, revision=revision, token=token).sha
+        sha = huggingface_hub.HfApi().dataset_info(spec.repo, revision=revision, token=token).sha
     except Exception as e:
         raise _hub_error(spec, revision, e) from e
+    if not sha:  # the hub always names the commit of a revision that exists
+        raise RuntimeError(f"the hub named no commit for {spec.repo}@{revision or 'main'}")
+    return sha
 
 
 def read_hub(
     spec: SourceSpec, revision: str | None = None, token: str | None = None
-) -> tuple[Iterator[dict], str]:
+) -> tuple[Iterator[Any], str]:
     """Rows of the hub dataset and the commit sha they were read at.
 
     ``revision`` None means the default branch. The sha is resolved first and the data is

@@ -13,11 +13,9 @@ last materialization.
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
-DEFAULT_OBSERVE_CRON = "0 * * * *"
+from rugpt_assets import settings
 
 
 class MaterializedLongAgo(dg.AutomationCondition):
@@ -43,12 +41,12 @@ class MaterializedLongAgo(dg.AutomationCondition):
         return dg.AutomationResult(context=context, true_subset=context.get_empty_subset())
 
 
-def retrain_condition() -> dg.AutomationCondition:
+def retrain_condition(ignoring: dg.AssetSelection | None = None) -> dg.AutomationCondition:
     """Eager on new parent data, plus a one-shot request when this asset's code version changes;
     never on a parent whose latest blocking check failed (an unhealthy source snapshot stops
     chat_set; `lora_adapter`'s eval-loss check stops the export, although the export runs in
-    another code location than the training)."""
-    return (
+    another code location than the training). Parents in `ignoring` count for none of it."""
+    condition = (
         dg.AutomationCondition.eager()
         | (
             dg.AutomationCondition.code_version_changed()
@@ -56,19 +54,16 @@ def retrain_condition() -> dg.AutomationCondition:
             & ~dg.AutomationCondition.in_progress()
         ).with_label("code_version_changed")
     ) & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    return condition.ignore(ignoring) if ignoring is not None else condition
 
 
 def min_retrain_interval_hours() -> float:
-    return float(os.environ.get("RUGPT_MIN_RETRAIN_HOURS", "6"))
+    return settings.environment().min_retrain_hours
 
 
 def training_condition() -> dg.AutomationCondition:
     """`retrain_condition`, held back until the minimum interval since the last training passed."""
     return (retrain_condition() & MaterializedLongAgo()).with_label("retrain (rate-limited)")
-
-
-def observe_cron() -> str:
-    return os.environ.get("RUGPT_OBSERVE_CRON", DEFAULT_OBSERVE_CRON)
 
 
 # One sensor per code location: a sensor only requests the assets of its own location.

@@ -1,36 +1,41 @@
 """Asset checks on the exported GGML files: they load and generate in llm-rs, f16 agrees with
-the merged HF model token for token, and each quantization stays within its perplexity bound."""
+the merged HF model token for token, and each quantization stays within its perplexity bound.
+Each check runs with the export settings its file was materialized with (recorded beside the
+file), so a launchpad override reaches the checks too."""
+
+from pathlib import Path
 
 import dagster as dg
 
-from rugpt_assets import settings
 from rugpt_assets.core import evaluate
+from rugpt_assets.core.artifacts import published
 from rugpt_assets.core.chat_template import render_prompt
-from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
+from rugpt_assets.core.configs import ExportConfig
+from rugpt_assets.core.evaluate import evaluated_with
+from rugpt_assets.core.figures import MEASURE_DIGITS, significant
 from rugpt_assets.core.quantize import QuantType
-from rugpt_assets.defs.export import ggml_f16, ggml_quantized, quant_partitions, system_prompt
+from rugpt_assets.defs.export import ggml_f16, ggml_quantized, perplexity_bound, quant_partitions, system_prompt
 from rugpt_assets.defs.resources import StorageResource
 
-EXPORT = settings.active_profile().export
+
+def _check_prompt(storage: StorageResource, export: ExportConfig) -> str:
+    return render_prompt([{"role": "user", "content": export.check_prompt}], system_prompt(storage))
 
 
-def _check_prompt(storage: StorageResource) -> str:
-    return render_prompt([{"role": "user", "content": EXPORT.check_prompt}], system_prompt(storage))
-
-
-def _generates(path, storage: StorageResource) -> dg.AssetCheckResult:
-    model, load_s = evaluate.load_llm_rs(path, EXPORT.threads)
-    prompt = _check_prompt(storage)
-    out = evaluate.generate(model, prompt, EXPORT.check_new_tokens, stop_at_special=False)
+def _generates(path: Path, asset: str, storage: StorageResource) -> dg.AssetCheckResult:
+    path = published(path)  # the file and the settings recorded with it, from one version
+    export = evaluated_with(path, asset)
+    model, load_s = evaluate.load_llm_rs(path, export.threads)
+    out = evaluate.generate(model, _check_prompt(storage, export), export.check_new_tokens, stop_at_special=False)
     return dg.AssetCheckResult(
-        passed=out.new_tokens == EXPORT.check_new_tokens,
-        metadata={"load_time_s": load_s, "new_tokens": out.new_tokens, "text": out.text},
+        passed=out.new_tokens == export.check_new_tokens,
+        metadata={"load_time_s": significant(load_s, MEASURE_DIGITS), "new_tokens": out.new_tokens, "text": out.text},
     )
 
 
 @dg.asset_check(asset=ggml_f16, blocking=True, description="Loads in llm-rs and generates tokens.")
 def ggml_f16_generates(storage: StorageResource) -> dg.AssetCheckResult:
-    return _generates(storage.layout.ggml_f16, storage)
+    return _generates(storage.layout.ggml_f16, "ggml_f16", storage)
 
 
 @dg.asset_check(
@@ -40,8 +45,9 @@ def ggml_f16_generates(storage: StorageResource) -> dg.AssetCheckResult:
 )
 def ggml_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResult:
     layout = storage.layout
+    export = evaluated_with(layout.ggml_f16, "ggml_f16")
     agreement = evaluate.greedy_agreement(
-        layout.ggml_f16, layout.merged_model, _check_prompt(storage), EXPORT.check_new_tokens, EXPORT.threads
+        layout.ggml_f16, layout.merged_model, _check_prompt(storage, export), export.check_new_tokens, export.threads
     )
     return dg.AssetCheckResult(
         passed=agreement["equal"],
@@ -51,7 +57,7 @@ def ggml_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResu
 
 @dg.asset_check(asset=ggml_quantized, partitions_def=quant_partitions, description="Loads in llm-rs and generates tokens.")
 def ggml_quantized_generates(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-    return _generates(storage.layout.ggml_quantized(context.partition_key), storage)
+    return _generates(storage.layout.ggml_quantized(context.partition_key), "ggml_quantized", storage)
 
 
 @dg.asset_check(
@@ -62,12 +68,7 @@ def ggml_quantized_generates(context: dg.AssetCheckExecutionContext, storage: St
 def ggml_quantized_perplexity_bound(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     quant = QuantType[context.partition_key]
     layout = storage.layout
-    quantized = read_evaluation(layout.ggml_quantized(quant.name))
-    delta = perplexity_delta(quantized, read_evaluation(layout.ggml_f16))
-    return dg.AssetCheckResult(
-        passed=delta <= quant.max_ppl_increase,
-        metadata={"perplexity_delta": delta, "bound": quant.max_ppl_increase, "kl_to_f16": quantized["kl_to_f16"]},
-    )
+    return perplexity_bound(layout.ggml_quantized(quant.name), layout.ggml_f16, quant.max_ppl_increase)
 
 
 export_checks = [

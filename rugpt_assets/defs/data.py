@@ -9,9 +9,12 @@ from rugpt_assets.core import chat_recipe, sources
 from rugpt_assets.core.artifacts import publish_dir
 from rugpt_assets.core.configs import RecipeConfig
 from rugpt_assets.defs.automation import retrain_condition
-from rugpt_assets.defs.resources import StorageResource, metadata_table
+from rugpt_assets.defs.metadata import metadata_table, shorten
+from rugpt_assets.defs.resources import StorageResource
 
-RecipeRunConfig = settings.launchpad_config("RecipeRunConfig", settings.active_profile().recipe)
+
+class RecipeRunConfig(settings.launchpad_config(settings.profile().recipe)):
+    """`RecipeConfig` in the launchpad, defaulting to the profile's values."""
 
 
 def _chat_preview(records: list[dict], limit: int = 3, width: int = 300) -> str:
@@ -19,10 +22,7 @@ def _chat_preview(records: list[dict], limit: int = 3, width: int = 300) -> str:
     parts = []
     for i, record in enumerate(records[:limit], 1):
         lines = [f"**Chat {i}** · source `{record['source']}` · {len(record['messages'])} messages"]
-        for m in record["messages"]:
-            text = m["content"].replace("\n", " ")
-            text = text if len(text) <= width else text[: width - 1] + "…"
-            lines.append(f"- **{m['role']}**: {text}")
+        lines += [f"- **{m['role']}**: {shorten(m['content'], width)}" for m in record["messages"]]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

@@ -11,16 +11,22 @@ from rugpt_assets.core import evaluate, ggml
 from rugpt_assets.core.artifacts import publish_file, published, read_jsonl, require_upstream
 from rugpt_assets.core.configs import ExportConfig
 from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
-from rugpt_assets.core.gguf import GGUFType
-from rugpt_assets.core.quantize import QuantType, quantize_ggml
+from rugpt_assets.core.figures import MEASURE_DIGITS, PERPLEXITY_DIGITS, QUALITY_DIGITS, percent, significant
+from rugpt_assets.core.gguf import GGUFQuantReport, GGUFType
+from rugpt_assets.core.quantize import QuantReport, QuantType, quantize_ggml
 from rugpt_assets.core.scoring import EvalSet, build_eval_set
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.data import chat_set
+from rugpt_assets.defs.metadata import metadata_table
 from rugpt_assets.defs.model import merged_model
-from rugpt_assets.defs.resources import StorageResource, metadata_table
+from rugpt_assets.defs.resources import StorageResource
 
-PROFILE = settings.active_profile()
-ExportRunConfig = settings.launchpad_config("ExportRunConfig", PROFILE.export)
+PROFILE = settings.profile()
+
+
+class ExportRunConfig(settings.launchpad_config(PROFILE.export)):
+    """`ExportConfig` in the launchpad, defaulting to the profile's values."""
+
 
 quant_partitions = dg.StaticPartitionsDefinition([q.name for q in QuantType])
 
@@ -50,7 +56,7 @@ def exported_files(storage: StorageResource) -> list[tuple[str, str, Path]]:
 
 
 def quant_table(storage: StorageResource) -> dg.MetadataValue:
-    """Size, speed, perplexity and KL to its format's f16 of every GGML and GGUF file
+    """Size (MiB), speed, perplexity and KL to its format's f16 of every GGML and GGUF file
     materialized so far. Tokens/s are measured with the same thread count (ExportConfig.threads)."""
     rows = []
     for container, name, path in exported_files(storage):
@@ -60,33 +66,60 @@ def quant_table(storage: StorageResource) -> dg.MetadataValue:
                 {
                     "format": container,
                     "type": name,
-                    "size_mb": round(numbers["size_bytes"] / 2**20, 2),
-                    "bits_per_weight": round(numbers["bits_per_weight"], 2),
-                    "tokens_per_s": round(numbers["generation_tokens_per_s"], 1),
-                    "perplexity": round(numbers["perplexity"], 4),
-                    "kl_to_f16": round(numbers.get("kl_to_f16", 0.0), 6),
+                    "size_mib": significant(numbers["size_bytes"] / 2**20, QUALITY_DIGITS),
+                    "bits_per_weight": significant(numbers["bits_per_weight"], QUALITY_DIGITS),
+                    "tokens_per_s": round(numbers["generation_tokens_per_s"]),
+                    "perplexity": significant(numbers["perplexity"], PERPLEXITY_DIGITS),
+                    "kl_to_f16": significant(numbers.get("kl_to_f16", 0.0), MEASURE_DIGITS),
                     "eval_set": numbers.get("eval_set_sha256", "")[:12],
                 }
             )
-    columns = ["format", "type", "size_mb", "bits_per_weight", "tokens_per_s", "perplexity", "kl_to_f16", "eval_set"]
+    columns = ["format", "type", "size_mib", "bits_per_weight", "tokens_per_s", "perplexity", "kl_to_f16", "eval_set"]
     return metadata_table(rows, columns)
 
 
 def file_metadata(path: Path, numbers: dict) -> dict:
+    """What every exported file's asset shows of its evaluation."""
     return {
         "size_bytes": numbers["size_bytes"],
-        "bits_per_weight": numbers["bits_per_weight"],
+        "bits_per_weight": significant(numbers["bits_per_weight"], QUALITY_DIGITS),
         "sha256": numbers["sha256"],
-        "load_time_s": numbers["load_time_s"],
-        "generation_tokens_per_s": numbers["generation_tokens_per_s"],
-        "perplexity": numbers["perplexity"],
+        "load_time_s": significant(numbers["load_time_s"], MEASURE_DIGITS),
+        "generation_tokens_per_s": round(numbers["generation_tokens_per_s"]),
+        "perplexity": significant(numbers["perplexity"], PERPLEXITY_DIGITS),
         "eval_chats": numbers["eval_chats"],
         "eval_tokens": numbers["eval_tokens"],
         "eval_set_sha256": numbers["eval_set_sha256"],
-        "eval_time_s": numbers["eval_time_s"],
+        "eval_time_s": significant(numbers["eval_time_s"], MEASURE_DIGITS),
         "sample_generation": dg.MetadataValue.md(f"```\n{numbers['sample_text']}\n```"),
         "path": dg.MetadataValue.path(str(path)),
     }
+
+
+def against_f16(numbers: dict, f16: dict, report: QuantReport | GGUFQuantReport) -> dict:
+    """What a quantized file's asset shows against its format's f16 file."""
+    return {
+        "ratio_to_f16": significant(report.ratio_to_f16, MEASURE_DIGITS),
+        "kl_to_f16": significant(numbers["kl_to_f16"], MEASURE_DIGITS),
+        "f16_tail_mass": significant(numbers["f16_tail_mass"], MEASURE_DIGITS),
+        "quantize_time_s": significant(report.wall_time_s, MEASURE_DIGITS),
+        "perplexity_f16": significant(f16["perplexity"], PERPLEXITY_DIGITS),
+        "perplexity_delta_pct": percent(perplexity_delta(numbers, f16)),
+    }
+
+
+def perplexity_bound(path: Path, f16_path: Path, bound: float) -> dg.AssetCheckResult:
+    """A quantized file's perplexity within `bound` (relative) of its format's f16 file's."""
+    quantized = read_evaluation(path)
+    delta = perplexity_delta(quantized, read_evaluation(f16_path))
+    return dg.AssetCheckResult(
+        passed=delta <= bound,
+        metadata={
+            "perplexity_delta_pct": percent(delta),
+            "bound_pct": percent(bound),
+            "kl_to_f16": significant(quantized["kl_to_f16"], MEASURE_DIGITS),
+        },
+    )
 
 
 @dg.asset(
@@ -98,7 +131,7 @@ def file_metadata(path: Path, numbers: dict) -> dict:
     code_version=ggml.GGML_WRITER_VERSION,
     # New chats reach this asset through the retrain (lora_adapter → merged_model); re-exporting
     # the old model on them first would export twice. Until then a partition run says f16 is stale.
-    automation_condition=retrain_condition().ignore(dg.AssetSelection.assets(chat_set)),
+    automation_condition=retrain_condition(ignoring=dg.AssetSelection.assets(chat_set)),
     description=(
         "The merged model as an f16 GGML file in llm-rs's container (with its `.meta` sidecar), "
         "streamed tensor by tensor, vocabulary stored as the tokenizer's bytes, then evaluated "
@@ -166,14 +199,5 @@ def ggml_quantized(
     # The f16 asset's table gains this row: record it there as an observation.
     context.log_event(dg.AssetObservation(asset_key=ggml_f16.key, metadata={"quantizations": quant_table(storage)}))
     return dg.MaterializeResult(
-        metadata={
-            **file_metadata(path, numbers),
-            "ratio_to_f16": report.ratio_to_f16,
-            "kl_to_f16": numbers["kl_to_f16"],
-            "f16_tail_mass": numbers["f16_tail_mass"],
-            "quantize_time_s": report.wall_time_s,
-            "perplexity_f16": f16["perplexity"],
-            "perplexity_delta": delta,
-            "quantizations": quant_table(storage),
-        }
+        metadata={**file_metadata(path, numbers), **against_f16(numbers, f16, report), "quantizations": quant_table(storage)}
     )

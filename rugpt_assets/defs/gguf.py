@@ -4,6 +4,7 @@ installed: writing GGUF needs only the `gguf` package, but every number and chec
 assets comes from llama.cpp."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
@@ -13,16 +14,17 @@ from rugpt_assets.core.artifacts import publish_file, published, require_upstrea
 from rugpt_assets.core.base_model import read_manifest
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets.core.configs import ExportConfig
-from rugpt_assets.core.evaluate import perplexity_delta, read_evaluation
+from rugpt_assets.core.evaluate import evaluated_with, perplexity_delta, read_evaluation
+from rugpt_assets.core.figures import MEASURE_DIGITS, significant
 from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.defs.automation import retrain_condition
 from rugpt_assets.defs.data import chat_set
-from rugpt_assets.defs.export import ExportRunConfig, eval_set_of, file_metadata, quant_table
+from rugpt_assets.defs.export import ExportRunConfig, against_f16, eval_set_of, file_metadata, perplexity_bound, quant_table
+from rugpt_assets.defs.metadata import metadata_table
 from rugpt_assets.defs.model import merged_model
-from rugpt_assets.defs.resources import StorageResource, metadata_table
+from rugpt_assets.defs.resources import StorageResource
 
-PROFILE = settings.active_profile()
-EXPORT = PROFILE.export
+PROFILE = settings.profile()
 gguf_partitions = dg.StaticPartitionsDefinition([t.name for t in GGUFType])
 
 # ai-forever/ruGPT-3.5-13B is published under the MIT license; the demo model is built here.
@@ -79,7 +81,7 @@ def _fallback_note(report: gguf.GGUFQuantReport) -> dg.MetadataValue:
     pool="cpu",
     code_version=gguf.GGUF_WRITER_VERSION,
     # As ggml_f16: new chats arrive through the retrain, not by re-exporting the old model first.
-    automation_condition=retrain_condition().ignore(dg.AssetSelection.assets(chat_set)),
+    automation_condition=retrain_condition(ignoring=dg.AssetSelection.assets(chat_set)),
     description=(
         "The merged model as an f16 GGUF file (architecture gpt2) for llama.cpp, Ollama and any "
         "llama-cpp-python/OpenAI client: tokenizer, the gigasaiga chat template, the seed's sampling "
@@ -150,12 +152,7 @@ def gguf_quantized(
     return dg.MaterializeResult(
         metadata={
             **file_metadata(path, numbers),
-            "ratio_to_f16": report.ratio_to_f16,
-            "kl_to_f16": numbers["kl_to_f16"],
-            "f16_tail_mass": numbers["f16_tail_mass"],
-            "quantize_time_s": report.wall_time_s,
-            "perplexity_f16": f16["perplexity"],
-            "perplexity_delta": delta,
+            **against_f16(numbers, f16, report),
             "tensor_types": metadata_table(
                 [{"type": t, "tensors": n} for t, n in report.tensor_types.items()], ["type", "tensors"]
             ),
@@ -166,18 +163,20 @@ def gguf_quantized(
     )
 
 
-def _loads_generates_tokenizes(path, model_dir) -> dg.AssetCheckResult:
-    """Loads in llama.cpp, decodes the check's tokens, and tokenizes the probes exactly as HF."""
+def _loads_generates_tokenizes(path: Path, asset: str, model_dir: Path) -> dg.AssetCheckResult:
+    """Loads in llama.cpp, decodes the check's tokens, and tokenizes the probes exactly as HF,
+    with the export settings the file was materialized with."""
     from transformers import AutoTokenizer
 
-    llama, load_s = gguf_eval.load_llama(path, EXPORT.threads)
-    prompt = render_prompt([{"role": "user", "content": EXPORT.check_prompt}])
-    tokens, _ = gguf_eval.greedy_tokens(llama, prompt, EXPORT.check_new_tokens)
+    export = evaluated_with(path, asset)
+    llama, load_s = gguf_eval.load_llama(path, export.threads)
+    prompt = render_prompt([{"role": "user", "content": export.check_prompt}])
+    tokens, _ = gguf_eval.greedy_tokens(llama, prompt, export.check_new_tokens)
     mismatches = gguf_eval.tokenization_mismatches(llama, AutoTokenizer.from_pretrained(model_dir))
     return dg.AssetCheckResult(
-        passed=len(tokens) == EXPORT.check_new_tokens and not mismatches,
+        passed=len(tokens) == export.check_new_tokens and not mismatches,
         metadata={
-            "load_time_s": load_s,
+            "load_time_s": significant(load_s, MEASURE_DIGITS),
             "new_tokens": len(tokens),
             "probes": len(gguf_eval.TOKENIZATION_PROBES),
             "tokenization_mismatches": dg.MetadataValue.json(mismatches),
@@ -191,7 +190,7 @@ def _loads_generates_tokenizes(path, model_dir) -> dg.AssetCheckResult:
     description="Loads in llama.cpp, generates, and tokenizes Cyrillic, ё, «», —, emoji, tabs and <s>/</s> as HF.",
 )
 def gguf_f16_loads_and_tokenizes(storage: StorageResource) -> dg.AssetCheckResult:
-    return _loads_generates_tokenizes(storage.layout.gguf_f16, storage.layout.merged_model)
+    return _loads_generates_tokenizes(storage.layout.gguf_f16, "gguf_f16", storage.layout.merged_model)
 
 
 @dg.asset_check(
@@ -201,9 +200,10 @@ def gguf_f16_loads_and_tokenizes(storage: StorageResource) -> dg.AssetCheckResul
 )
 def gguf_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResult:
     layout = storage.layout
-    prompt = render_prompt([{"role": "user", "content": EXPORT.check_prompt}])
+    export = evaluated_with(layout.gguf_f16, "gguf_f16")
+    prompt = render_prompt([{"role": "user", "content": export.check_prompt}])
     agreement = gguf_eval.greedy_agreement(
-        layout.gguf_f16, layout.merged_model, prompt, EXPORT.check_new_tokens, EXPORT.threads
+        layout.gguf_f16, layout.merged_model, prompt, export.check_new_tokens, export.threads
     )
     return dg.AssetCheckResult(
         passed=agreement["equal"],
@@ -219,7 +219,9 @@ def gguf_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResu
 def gguf_quantized_loads_and_tokenizes(
     context: dg.AssetCheckExecutionContext, storage: StorageResource
 ) -> dg.AssetCheckResult:
-    return _loads_generates_tokenizes(storage.layout.gguf_quantized(context.partition_key), storage.layout.merged_model)
+    return _loads_generates_tokenizes(
+        storage.layout.gguf_quantized(context.partition_key), "gguf_quantized", storage.layout.merged_model
+    )
 
 
 @dg.asset_check(
@@ -232,14 +234,11 @@ def gguf_quantized_perplexity_bound(
 ) -> dg.AssetCheckResult:
     gguf_type = GGUFType[context.partition_key]
     layout = storage.layout
-    quantized = read_evaluation(layout.gguf_quantized(gguf_type.name))
-    delta = perplexity_delta(quantized, read_evaluation(layout.gguf_f16))
-    return dg.AssetCheckResult(
-        passed=delta <= gguf_type.max_ppl_increase,
-        metadata={"perplexity_delta": delta, "bound": gguf_type.max_ppl_increase, "kl_to_f16": quantized["kl_to_f16"]},
-    )
+    return perplexity_bound(layout.gguf_quantized(gguf_type.name), layout.gguf_f16, gguf_type.max_ppl_increase)
 
 
+# The CPU code location holds these assets and checks only where llama-cpp-python is installed.
+INSTALLED = gguf_eval.llama_available()
 gguf_assets = [gguf_f16, gguf_quantized]
 gguf_checks = [
     gguf_f16_loads_and_tokenizes,

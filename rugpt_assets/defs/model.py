@@ -6,7 +6,6 @@ to the CPU one (`rugpt_assets.definitions`); the dependencies between them are p
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -17,12 +16,20 @@ from rugpt_assets.core import merge, train
 from rugpt_assets.core.artifacts import published, require_upstream
 from rugpt_assets.core.base_model import check_base_model_settings, materialize_base_model
 from rugpt_assets.core.configs import MergeConfig, TrainConfig
+from rugpt_assets.core.figures import MEASURE_DIGITS, QUALITY_DIGITS, significant
 from rugpt_assets.defs.automation import retrain_condition, training_condition
+from rugpt_assets.defs.metadata import rounded_floats
 from rugpt_assets.defs.resources import StorageResource, TrainerResource
 
-PROFILE = settings.active_profile()
-TrainRunConfig = settings.launchpad_config("TrainRunConfig", PROFILE.train)
-MergeRunConfig = settings.launchpad_config("MergeRunConfig", PROFILE.merge)
+PROFILE = settings.profile()
+
+
+class TrainRunConfig(settings.launchpad_config(PROFILE.train)):
+    """`TrainConfig` in the launchpad, defaulting to the profile's values."""
+
+
+class MergeRunConfig(settings.launchpad_config(PROFILE.merge)):
+    """`MergeConfig` in the launchpad, defaulting to the profile's values."""
 
 
 class BaseModelConfig(dg.Config):
@@ -54,7 +61,7 @@ def base_model(
 ) -> dg.MaterializeResult:
     check_base_model_settings(config.repo, config.revision, config.token_env_var, config.local_dir)
     target = storage.layout.base_model
-    token = os.environ.get(config.token_env_var)
+    token = settings.secret(config.token_env_var)
     started = time.perf_counter()
     snapshot = materialize_base_model(
         target, config.repo, config.revision, token, settings.BUNDLED_SAMPLES_DIR,
@@ -68,7 +75,7 @@ def base_model(
     model_config = json.loads((target / "config.json").read_text())
     return dg.MaterializeResult(
         metadata={
-            **snapshot.summary,
+            **rounded_floats(snapshot.summary),
             "n_layer": model_config["n_layer"],
             "n_embd": model_config["n_embd"],
             "n_head": model_config["n_head"],
@@ -122,11 +129,11 @@ def lora_adapter(
     )  # fmt: skip
     chats = published(layout.chat_set)  # train and val from one version of the set
     job = train.TrainJob(
-        base_model_dir=str(published(layout.base_model)),
-        train_path=str(chats / "train.jsonl"),
-        val_path=str(chats / "val.jsonl"),
-        output_dir=str(layout.lora_adapter),
-        runs_dir=str(layout.training_runs),
+        base_model_dir=published(layout.base_model),
+        train_path=chats / "train.jsonl",
+        val_path=chats / "val.jsonl",
+        output_dir=layout.lora_adapter,
+        runs_dir=layout.training_runs,
         config=settings.config_to_dataclass(config, TrainConfig),
     )
     job_path = layout.training_runs / f"job-{context.run_id}.json"
@@ -144,7 +151,7 @@ def eval_loss_below_base(storage: StorageResource) -> dg.AssetCheckResult:
     eval_loss, base_loss = metrics["eval_loss"], metrics["base_eval_loss"]
     return dg.AssetCheckResult(
         passed=math.isfinite(eval_loss) and eval_loss < base_loss,
-        metadata={"eval_loss": eval_loss, "base_eval_loss": base_loss},
+        metadata={"eval_loss": significant(eval_loss, QUALITY_DIGITS), "base_eval_loss": significant(base_loss, QUALITY_DIGITS)},
     )
 
 
@@ -179,8 +186,8 @@ def merged_model(
             "shards": report.shards,
             "dtype": report.dtype,
             "size_bytes": report.output_bytes,
-            "wall_time_s": report.wall_time_s,
-            "peak_rss_gb": report.peak_rss_gb,
+            "wall_time_s": significant(report.wall_time_s, MEASURE_DIGITS),
+            "peak_rss_gb": significant(report.peak_rss_gb, MEASURE_DIGITS),
             "path": dg.MetadataValue.path(str(layout.merged_model)),
         }
     )

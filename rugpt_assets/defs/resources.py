@@ -6,9 +6,8 @@ resources from `resources_for`; assets only see these interfaces.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +35,7 @@ class SourcesResource(dg.ConfigurableResource):
     """Where the seven rulm datasets are read from: the hub, or a local mirror in the hub layout."""
 
     mode: Literal["local", "hub"] = "local"
-    # Empty: the active profile's directory (RUGPT_SOURCES_DIR or the bundled samples), resolved at use.
+    # Empty: RUGPT_SOURCES_DIR or the bundled samples, resolved at use.
     local_dir: str = ""
     # Pinned dataset revisions by source name; unset means the hub's current `main`.
     revisions: dict[str, str] = {}
@@ -44,10 +43,10 @@ class SourcesResource(dg.ConfigurableResource):
     token_env_var: str = "HF_TOKEN"
 
     def _token(self) -> str | None:
-        return os.environ.get(self.token_env_var) or None
+        return settings.secret(self.token_env_var)
 
     def _local_dir(self) -> Path:
-        return Path(self.local_dir) if self.local_dir else settings.active_profile().sources_dir
+        return Path(self.local_dir) if self.local_dir else settings.environment().local_sources_dir
 
     def read(self, spec: sources.SourceSpec) -> tuple[Iterable, str]:
         """Rows (or malformed-line markers) and the revision they come from."""
@@ -81,10 +80,8 @@ class TrainerResource(dg.ConfigurableResource):
     def run(
         self, context: dg.AssetExecutionContext, job_path: Path, env: Mapping[str, str] | None = None
     ) -> dg.PipesClientCompletedInvocation:
-        # Keep the parent's environment (PATH, HOME, thread settings); add ours on top.
-        return dg.PipesSubprocessClient().run(
-            context=context, command=self.command(job_path), env={**os.environ, **(env or {})}
-        )
+        # The client keeps the parent's environment (PATH, HOME, thread settings) and adds `env`.
+        return dg.PipesSubprocessClient().run(context=context, command=self.command(job_path), env=env)
 
 
 def resources_for(profile: settings.Profile) -> dict[str, dg.ConfigurableResource]:
@@ -95,26 +92,3 @@ def resources_for(profile: settings.Profile) -> dict[str, dg.ConfigurableResourc
         "trainer": TrainerResource(),
     }
 
-
-def metadata_table(rows: Sequence[Mapping], columns: Sequence[str]) -> dg.MetadataValue:
-    """A metadata table whose column types follow the values (int, float, else string)."""
-    def column_type(name: str) -> str:
-        values = [r[name] for r in rows if r.get(name) is not None]
-        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            return "int"
-        return "float" if values and all(isinstance(v, (int, float)) for v in values) else "string"
-
-    return dg.MetadataValue.table(
-        records=[dg.TableRecord({c: r.get(c) for c in columns}) for r in rows],
-        schema=dg.TableSchema(columns=[dg.TableColumn(c, column_type(c)) for c in columns]),
-    )
-
-
-def preview_table(rows: Sequence[Mapping], columns: Sequence[str], limit: int = 5, width: int = 80) -> dg.MetadataValue:
-    """A small table of the first rows, long text shortened, for the asset's metadata."""
-    def cell(value) -> str:
-        text = value if isinstance(value, str) else repr(value)
-        text = text.replace("\n", " ")
-        return text if len(text) <= width else text[: width - 1] + "…"
-
-    return metadata_table([{c: cell(r.get(c, "")) for c in columns} for r in rows[:limit]], columns)

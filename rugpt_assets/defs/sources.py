@@ -10,10 +10,15 @@ from rugpt_assets import settings
 from rugpt_assets.core import source_health, sources
 from rugpt_assets.core.artifacts import publish_dir
 from rugpt_assets.core.configs import SourceHealthConfig
+from rugpt_assets.core.figures import percent
 from rugpt_assets.defs.automation import retrain_condition
-from rugpt_assets.defs.resources import SourcesResource, StorageResource, preview_table
+from rugpt_assets.defs.metadata import preview_table
+from rugpt_assets.defs.resources import SourcesResource, StorageResource
 
-SourceHealthRunConfig = settings.launchpad_config("SourceHealthRunConfig", settings.active_profile().source_health)
+
+class SourceHealthRunConfig(settings.launchpad_config(settings.profile().source_health)):
+    """`SourceHealthConfig` in the launchpad, defaulting to the profile's values."""
+
 
 # Bump when normalization changes what a snapshot holds.
 SNAPSHOT_VERSION = "2"
@@ -118,12 +123,12 @@ def health_check(spec: sources.SourceSpec) -> dg.AssetChecksDefinition:
             passed=health.passed,
             metadata={
                 "reasons": dg.MetadataValue.md("\n".join(f"- {p}" for p in health.problems) or "none"),
-                "reject_rate": health.reject_rate,
-                "max_reject_rate": health.max_reject_rate,
+                "reject_rate_pct": percent(health.reject_rate),
+                "max_reject_rate_pct": percent(health.max_reject_rate),
                 "rows_kept": health.rows_kept,
                 "baseline_rows": health.baseline_rows if health.baseline_rows is not None else "none (first snapshot)",
-                "row_drop": health.row_drop,
-                "max_row_drop": health.max_row_drop,
+                "row_drop_pct": percent(health.row_drop),
+                "max_row_drop_pct": percent(health.max_row_drop),
                 "rejected_by_reason": dg.MetadataValue.json(health.reasons),
                 "reject_examples": dg.MetadataValue.json(health.reject_examples),
             },

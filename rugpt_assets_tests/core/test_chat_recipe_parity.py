@@ -109,7 +109,8 @@ def rulm_chat_set(hub: dict[str, list[dict]], phrases: list[str]) -> tuple[list[
         answer = row["output"]
         if bad([{"content": answer}]):
             continue
-        evol.append({"messages": [{"role": "user", "content": row["instruction"]}, {"role": "bot", "content": answer}], "source": "alpaca-evol-instruct"})
+        messages = [{"role": "user", "content": row["instruction"]}, {"role": "bot", "content": answer}]
+        evol.append({"messages": messages, "source": "alpaca-evol-instruct"})
     longest(evol)
 
     alpaca = []
@@ -138,8 +139,8 @@ def rulm_chat_set(hub: dict[str, list[dict]], phrases: list[str]) -> tuple[list[
     unique = []
     for i, r in enumerate(pool):
         duplicate = False
-        for j in index.query(sketches[i]):
-            if sketches[i].jaccard(sketches[j]) > 0.3:
+        for j in index.query(sketches[i]):  # the keys inserted: ints
+            if sketches[i].jaccard(sketches[j]) > 0.3:  # pyright: ignore[reportCallIssue, reportArgumentType]
                 duplicate = True
         if duplicate:
             continue
@@ -291,7 +292,7 @@ class HubRows:
         else:
             instruction = self.text(self.rng.choice([0, 5, 30, 80, 300])) if self.chance(0.9) else ""
         self.instructions.append(instruction)
-        row = {"instruction": instruction}
+        row: dict[str, str | None] = {"instruction": instruction}
         if with_input:
             row["input"] = self.rng.choice(["", None, self.text(), self.text(60)])
         message = instruction + ("\nДано: " + row["input"] if with_input and row["input"] else "")

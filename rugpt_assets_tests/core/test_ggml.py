@@ -84,9 +84,9 @@ def random_gpt2(out: Path, tokenizer_dir: Path, n_embd: int, n_layer: int, vocab
 
 def test_f16_tensors_equal_llm_rs_converter(export, tmp_path):
     """Same tensor names, order, types, GGML dims and f16 bytes as llm-rs's own converter."""
-    from llm_rs.convert import AutoConverter
+    from llm_rs.convert.auto_converter import AutoConverter
 
-    theirs = ggml.read_ggml(AutoConverter.convert(str(export.model_dir), str(tmp_path)))
+    theirs = ggml.read_ggml(Path(AutoConverter.convert(str(export.model_dir), str(tmp_path))))
     ours = ggml.read_ggml(export.f16)
     assert ours.hparams == theirs.hparams
     assert list(ours.tensors) == list(theirs.tensors)

@@ -162,7 +162,7 @@ def test_perplexity_and_kl_from_llama_cpps_logits(export, quantized, hf_model, t
         assert math.isfinite(numbers["perplexity"]) and numbers["generation_tokens_per_s"] > 0
         assert evaluate.perplexity_delta(numbers, f16) <= gguf_type.max_ppl_increase, (gguf_type, numbers)
         assert 0 < kl[gguf_type] < 0.05, kl
-    assert min(kl, key=kl.get) is gguf.GGUFType.Q8_0
+    assert min(kl, key=lambda t: kl[t]) is gguf.GGUFType.Q8_0
     assert kl[gguf.GGUFType.Q8_0] < kl[gguf.GGUFType.Q6_K] < kl[gguf.GGUFType.Q4_K_M]
     # A reference from another evaluation set is refused, naming the GGUF asset.
     other = build_eval_set(export.val_chats[1:], AutoTokenizer.from_pretrained(export.model_dir), 256, "x", 4)

@@ -26,7 +26,7 @@ def _save_adapter(base_dir: Path, out_dir: Path, **lora) -> Path:
     for name, param in model.named_parameters():
         if "lora_B" in name:  # a fresh LoRA has B = 0, which would merge to the base unchanged
             torch.nn.init.normal_(param, std=0.1)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(str(out_dir))
     return out_dir
 
 

@@ -3,9 +3,9 @@ every attention implementation and with compiled blocks."""
 
 import pytest
 import torch
+from peft import get_peft_model
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from peft import get_peft_model
 
 from rugpt_assets.core.chat_template import IGNORE_INDEX, tokenize_chat
 from rugpt_assets.core.configs import DEFAULT_SYSTEM_PROMPT, TrainConfig

@@ -290,7 +290,7 @@ def test_job_file_errors_name_the_problem(inputs, tmp_path):
         load_chats(bad, tokenizer, CONFIG)
 
 
-def test_pipes_metadata_has_dagster_types():
+def test_pipes_metadata_has_dagster_types_and_readable_figures():
     pipes = pytest.importorskip("dagster_pipes")
     calls = []
 
@@ -299,13 +299,17 @@ def test_pipes_metadata_has_dagster_types():
             calls.append(metadata)
 
     metrics = {
-        "eval_loss": 1.5, "base_eval_loss": 2.5, "train_loss": 1.8, "tokens_per_second": 100.0, "wall_time_s": 3.0,
-        "peak_memory_gb": 0.5, "steps": 4, "tokens_seen": 400, "resumed_from_step": 0, "lora_config": {"lora_r": 16},
+        "eval_loss": 5.554074475364963, "base_eval_loss": 2.5, "train_loss": 1.8, "tokens_per_second": 1234.56,
+        "wall_time_s": 0.018033780999985538, "peak_memory_gb": 0.5, "steps": 4, "tokens_seen": 400,
+        "resumed_from_step": 0, "lora_config": {"lora_r": 16},
     }  # fmt: skip
-    PipesReporter(Context()).report(metrics, b"\x89PNG fake")
+    PipesReporter(Context()).report(metrics, b"\x89PNG fake", Path("/storage/lora_adapter"))
     (metadata,) = calls
     assert pipes._normalize_param_metadata(metadata, "report_asset_materialization", "metadata") == metadata
-    assert metadata["eval_loss"] == {"raw_value": 1.5, "type": "float"}
+    assert metadata["eval_loss"] == {"raw_value": 5.554, "type": "float"}
+    assert metadata["wall_time_s"] == {"raw_value": 0.018, "type": "float"}
+    assert metadata["tokens_per_second"] == {"raw_value": 1235, "type": "int"}
     assert metadata["steps"] == {"raw_value": 4, "type": "int"}
     assert metadata["lora_config"] == {"raw_value": {"lora_r": 16}, "type": "json"}
+    assert metadata["path"] == {"raw_value": "/storage/lora_adapter", "type": "path"}
     assert metadata["loss_curve"] == {"raw_value": "![loss](data:image/png;base64,iVBORyBmYWtl)", "type": "md"}

@@ -7,6 +7,7 @@ Each location has its own sensor, evaluated here the way the daemon does it:
 """
 
 import shutil
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -16,6 +17,7 @@ from rugpt_assets.core import sources
 from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.gguf_eval import llama_available
 from rugpt_assets.core.quantize import QuantType
+from rugpt_assets.defs import jobs
 
 CPU, GPU = definitions.defs, gpu_definitions.defs
 WORKSPACE = dg.Definitions(
@@ -57,7 +59,7 @@ class Sensors:
 
     def __init__(self, instance):
         self.instance = instance
-        self.cursors = {"cpu": None, "gpu": None}
+        self.cursors: dict[str, Any] = {"cpu": None, "gpu": None}
 
     def tick(self) -> dict[str, set[str]]:
         """What each location's sensor requests now, by location: asset names (`name[partition]`)."""
@@ -77,7 +79,7 @@ class Sensors:
 
 
 def observe(instance) -> None:
-    job = CPU.resolve_job_def(definitions.observe_sources_job.name)
+    job = CPU.resolve_job_def(jobs.observe_sources_job.name)
     assert job.execute_in_process(instance=instance).success
 
 
@@ -179,7 +181,7 @@ def test_recipe_code_version_bump_requests_from_chat_set_down(instance, mirror):
     bumped = dg.Definitions(
         assets=[
             a.map_asset_specs(lambda spec: spec.replace_attributes(code_version="bumped"))
-            if a.key == dg.AssetKey("chat_set") else a
+            if isinstance(a, dg.AssetsDefinition) and a.key == dg.AssetKey("chat_set") else a
             for a in WORKSPACE.assets
         ],
         asset_checks=WORKSPACE.asset_checks, resources=WORKSPACE.resources,

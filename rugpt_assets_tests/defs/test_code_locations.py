@@ -10,6 +10,7 @@ import yaml
 
 from rugpt_assets import definitions, gpu_definitions
 from rugpt_assets.core.quantize import QuantType
+from rugpt_assets.defs import jobs
 from rugpt_assets_tests.pools import GPU_POOL, step_pools
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,13 +54,13 @@ def test_lineage_crosses_the_locations_by_key():
 
 def test_jobs_cover_every_asset_once_in_dependency_order():
     """prepare → train → export → quantize (and quantize_gguf): each materializable asset in exactly one job."""
-    jobs = [
+    planned = [
         (definitions.defs, "prepare"), (gpu_definitions.defs, "train"),
         (definitions.defs, "export"), (definitions.defs, "quantize"),
-        *[(definitions.defs, job.name) for job in definitions.quantize_gguf_jobs],
+        *[(definitions.defs, job.name) for job in jobs.quantize_gguf_jobs],
     ]
     covered = []
-    for defs, name in jobs:
+    for defs, name in planned:
         job = defs.resolve_job_def(name)
         covered += [k.to_user_string() for k in job.asset_layer.selected_asset_keys]
     assert sorted(covered) == sorted(materializable(definitions.defs) | materializable(gpu_definitions.defs))

@@ -50,7 +50,7 @@ def test_ggml_f16_depends_on_chat_set():
 
 
 def test_one_pinned_evaluation_set_and_a_stale_f16_refused(instance, layout):
-    export = settings.active_profile().export
+    export = settings.profile().export
     tokenizer = AutoTokenizer.from_pretrained(layout.merged_model)
     val = list(read_jsonl(layout.chat_set / "val.jsonl"))
     expected = build_eval_set(val, tokenizer, export.eval_max_tokens, TRAINED_PROMPT, export.eval_chats)
@@ -73,6 +73,13 @@ def test_one_pinned_evaluation_set_and_a_stale_f16_refused(instance, layout):
     q8 = latest(instance, "ggml_quantized")
     assert q8["eval_set_sha256"] == expected.sha256 and q8["kl_to_f16"] > 0
     assert q8["perplexity_f16"] == f16["perplexity"]
+    # figures as a person reads them: whole tokens/s, a few significant digits, a percentage, a path
+    assert isinstance(f16["generation_tokens_per_s"], int) and f16["generation_tokens_per_s"] > 0
+    assert f16["perplexity"] == float(f"{f16['perplexity']:.5g}") and q8["load_time_s"] == float(f"{q8['load_time_s']:.3g}")
+    delta = evaluate.perplexity_delta(evaluate.read_evaluation(layout.ggml_quantized("Q8_0")), evaluate.read_evaluation(layout.ggml_f16))
+    assert q8["perplexity_delta_pct"] == pytest.approx(100 * delta, rel=1e-2)
+    event = instance.get_latest_materialization_event(dg.AssetKey("ggml_quantized"))
+    assert isinstance(event.asset_materialization.metadata["path"], dg.PathMetadataValue)
     # f16's reference was used, not recomputed
     assert evaluate.reference_path(layout.ggml_f16).stat().st_mtime_ns == reference_mtime
     table = {r.data["type"]: r.data for r in q8["quantizations"].records}
@@ -93,3 +100,21 @@ def test_one_pinned_evaluation_set_and_a_stale_f16_refused(instance, layout):
     assert latest(instance, "ggml_quantized")["eval_set_sha256"] == latest(instance, "ggml_f16")["eval_set_sha256"] != (
         expected.sha256
     )
+
+
+def test_checks_run_with_the_settings_the_asset_ran_with(instance, layout):
+    """A launchpad override of the export settings reaches the file's checks, not only the asset:
+    the generation check produces as many tokens as the run asked for, not the profile's number."""
+    profile_tokens = settings.profile().export.check_new_tokens
+    overrides = {"check_new_tokens": profile_tokens - 11, "check_prompt": "Назови три цвета."}
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey("ggml_f16")})
+    run = job.execute_in_process(
+        instance=instance, run_config={"ops": {"ggml_f16": {"config": overrides}}}, raise_on_error=False
+    )
+    assert run.success
+    checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
+    assert checks["ggml_f16_generates"].passed and checks["ggml_f16_matches_merged_model"].passed
+    assert checks["ggml_f16_generates"].metadata["new_tokens"].value == overrides["check_new_tokens"]
+    assert checks["ggml_f16_matches_merged_model"].metadata["tokens"].value == overrides["check_new_tokens"]
+    recorded = evaluate.evaluated_with(layout.ggml_f16, "ggml_f16")
+    assert (recorded.check_new_tokens, recorded.check_prompt) == (overrides["check_new_tokens"], overrides["check_prompt"])

@@ -17,6 +17,7 @@ from dagster_k8s import K8sRunLauncher
 from dagster_k8s.client import DagsterKubernetesClient
 
 from rugpt_assets import definitions, gpu_definitions
+from rugpt_assets.defs import jobs
 from rugpt_assets.launchers import GPU_POD, LAUNCHER_TAG, MixedRunError
 from rugpt_assets_tests.defs.stand_ins import STAND_IN_DEFS
 
@@ -160,7 +161,7 @@ def launch_on_k8s(kubeconfig: str, module: str, job: dg.JobDefinition) -> str:
     partition = {"dagster/partition": job.partitions_def.get_partition_keys()[0]} if job.partitions_def else {}
     with instance_for_test(overrides={"run_launcher": launcher}) as instance:
         run = instance.create_run_for_job(job, job_code_origin=code_origin, tags=partition)
-        instance.launch_run(run.run_id, workspace=None)
+        instance.launch_run(run.run_id, workspace=None)  # pyright: ignore[reportArgumentType]  # as Dagster's own tests
         return instance.get_run_by_id(run.run_id).tags[LAUNCHER_TAG]
 
 
@@ -176,7 +177,7 @@ def assert_reads_and_writes_artifacts(pod) -> None:
 
 
 def test_training_run_renders_a_job_with_one_gpu_on_a_gpu_node(kubeconfig, created_jobs):
-    train = gpu_definitions.defs.resolve_job_def(gpu_definitions.train_job.name)
+    train = gpu_definitions.defs.resolve_job_def(jobs.train_job.name)
     side = launch_on_k8s(kubeconfig, "rugpt_assets.gpu_definitions", train)
     [job] = created_jobs
     pod = job.spec.template.spec

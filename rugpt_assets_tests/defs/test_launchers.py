@@ -111,14 +111,16 @@ def create_run(instance: dg.DagsterInstance, *assets: str) -> dg.DagsterRun:
 def sub_launcher(instance: dg.DagsterInstance, side: str) -> RecordingLauncher:
     launcher = instance.run_launcher
     assert isinstance(launcher, RoutingRunLauncher)
-    return launcher.launchers[side]
+    recording = launcher.launchers[side]
+    assert isinstance(recording, RecordingLauncher)
+    return recording
 
 
 @pytest.mark.parametrize("assets, side", [(["lora_adapter"], "gpu"), (["chat_set"], "cpu")])
 def test_run_goes_to_the_launcher_of_its_pools(assets, side):
     with routed_instance() as instance:
         run = create_run(instance, *assets)
-        instance.launch_run(run.run_id, workspace=None)
+        instance.launch_run(run.run_id, workspace=None)  # pyright: ignore[reportArgumentType]  # as Dagster's own tests
 
         other = {"gpu": "cpu", "cpu": "gpu"}[side]
         assert [r.run_id for r in sub_launcher(instance, side).launched] == [run.run_id]
@@ -153,7 +155,7 @@ def test_run_mixing_gpu_and_other_steps_is_refused(job, other_step):
     with routed_instance() as instance:
         run = instance.create_run_for_job(job, remote_job_origin=JOB_ORIGIN)
         with pytest.raises(MixedRunError, match=rf"GPU steps \(lora_adapter\).*\({other_step}\)"):
-            instance.launch_run(run.run_id, workspace=None)
+            instance.launch_run(run.run_id, workspace=None)  # pyright: ignore[reportArgumentType]  # as Dagster's own tests
         assert sub_launcher(instance, "gpu").launched == sub_launcher(instance, "cpu").launched == []
         assert LAUNCHER_TAG not in instance.get_run_by_id(run.run_id).tags
 
@@ -162,7 +164,7 @@ def test_later_calls_go_to_the_launcher_that_started_the_run():
     with routed_instance() as instance:
         gpu_run, cpu_run = create_run(instance, "lora_adapter"), create_run(instance, "chat_set")
         for run in (gpu_run, cpu_run):
-            instance.launch_run(run.run_id, workspace=None)
+            instance.launch_run(run.run_id, workspace=None)  # pyright: ignore[reportArgumentType]  # as Dagster's own tests
         # The tag decides, not the pools: a run the GPU side started stays with it.
         tagged = create_run(instance, "chat_set")
         instance.add_run_tags(tagged.run_id, {LAUNCHER_TAG: "gpu"})
@@ -171,6 +173,7 @@ def test_later_calls_go_to_the_launcher_that_started_the_run():
         assert router.supports_check_run_worker_health
         for run in (cpu_run, gpu_run):
             run = instance.get_run_by_id(run.run_id)
+            assert run is not None
             assert router.check_run_worker_health(run).status == WorkerStatus.RUNNING
             assert router.get_run_worker_debug_info(run) == "recorded"
             assert router.terminate(run.run_id) is True
@@ -217,7 +220,8 @@ def queue(instance: dg.DagsterInstance):
 
         def submit(*assets: str) -> dg.DagsterRun:
             run = create_run(instance, *assets)
-            return instance.run_coordinator.submit_run(SubmitRunContext(run, workspace=None))
+            context = SubmitRunContext(run, workspace=None)  # pyright: ignore[reportArgumentType]  # as Dagster's own tests
+            return instance.run_coordinator.submit_run(context)
 
         def tick():
             list(daemon.run_iteration(workspace))

@@ -16,10 +16,10 @@ from rugpt_assets import settings
 from rugpt_assets.core import base_model as base_model_core
 from rugpt_assets.core import demo_model
 from rugpt_assets.core.artifacts import StorageLayout
-from rugpt_assets.defs import export, model
 from rugpt_assets.definitions import resources_for
+from rugpt_assets.defs import export, model
 
-RESOURCES = resources_for(settings.active_profile())
+RESOURCES = resources_for(settings.profile())
 
 
 @dg.asset(deps=[model.base_model], code_version="1", name="lora_adapter")

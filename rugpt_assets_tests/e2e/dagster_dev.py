@@ -73,9 +73,9 @@ class DagsterDev:
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         backfill_id = launched["backfillId"]
 
-        def finished_status():
+        def finished_status() -> str | None:
             status = self.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]["status"]
-            return status not in UNFINISHED_BACKFILL and status
+            return None if status in UNFINISHED_BACKFILL else status
 
         return backfill_id, self.wait_until(finished_status, f"backfill {backfill_id} to finish", timeout_s)
 
@@ -130,9 +130,9 @@ def dagster_dev(home: Path, env: dict[str, str] | None = None, timeout_s: float 
             try:
                 with urllib.request.urlopen(f"{server.url}/server_info", timeout=2):
                     break
-            except OSError:
+            except OSError as exc:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"dagster dev did not come up:\n{server.log_tail()}")
+                    raise RuntimeError(f"dagster dev did not come up:\n{server.log_tail()}") from exc
                 time.sleep(1)
         yield server
     finally:

@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from rugpt_assets import definitions, settings
+from rugpt_assets import settings
 from rugpt_assets.core import sources
-from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.artifacts import read_jsonl
+from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.quantize import QuantType
+from rugpt_assets.defs import gguf
 from rugpt_assets_tests.e2e.conftest import home_env
 from rugpt_assets_tests.e2e.dagster_dev import DagsterDev, dagster_dev
 from rugpt_assets_tests.e2e.runs import SENSORS, assert_routed_by_pool, runs
@@ -48,7 +49,7 @@ query ($runId: ID!) {
 }"""
 
 # The GGUF half of the export is in the code location when llama-cpp-python is installed.
-WITH_GGUF = definitions.gguf_quantized is not None
+WITH_GGUF = gguf.INSTALLED
 # Every partition the retrain ends with, by partitioned asset.
 QUANTIZED = {"ggml_quantized": {q.name for q in QuantType}, **({"gguf_quantized": {t.name for t in GGUFType}} if WITH_GGUF else {})}
 # What one appended row leads to, run by run: (assets, partition, launcher, location).
@@ -100,7 +101,7 @@ def sensor_ticks(server: DagsterDev, location: str) -> list[dict]:
 def quiet_ticks_after(server: DagsterDev, after: float) -> None:
     """Each sensor finishes a tick after `after` (epoch s), and every such tick requested nothing."""
     for location in SENSORS:
-        def finished_ticks():
+        def finished_ticks(location: str = location):
             return [t for t in sensor_ticks(server, location) if t["timestamp"] > after and t["status"] != "STARTED"]
 
         ticks = server.wait_until(finished_ticks, f"a tick of {SENSORS[location]} after {after}", timeout_s=120)

@@ -139,7 +139,8 @@ def test_jobs_from_the_launchpad_and_the_cli_and_a_second_training_waits_queued(
         # The second run's process started only after the first run had ended: while queued it
         # held no run worker (on Kubernetes: no pod, no GPU).
         assert by_id[first].status == by_id[second].status == "SUCCESS"
-        assert by_id[second].started >= by_id[first].ended
+        second_started, first_ended = by_id[second].started, by_id[first].ended
+        assert second_started is not None and first_ended is not None and second_started >= first_ended
 
         # The CPU jobs from the command line (through the queue and the router, like the UI), in
         # dependency order.

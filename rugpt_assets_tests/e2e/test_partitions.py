@@ -55,7 +55,7 @@ def materializations(home: Path) -> dict[str, list]:
     # dagster.yaml's storage paths are relative to the home, like the commands run there.
     with contextlib.chdir(home), dg.DagsterInstance.from_config(str(home)) as instance:
         return {
-            key.to_user_string(): instance.fetch_materializations(key, limit=1000).records
+            key.to_user_string(): list(instance.fetch_materializations(key, limit=1000).records)
             for key in defs.resolve_asset_graph().materializable_asset_keys
         }
 

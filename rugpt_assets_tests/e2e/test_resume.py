@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,7 +47,7 @@ PREPARE_JOB, TRAIN_JOB, EXPORT_JOB = "prepare", "train", "export"
 
 # The demo profile's training, shorter, with a checkpoint every 4 steps.
 TRAIN_OVERRIDES = {"max_steps": 16, "save_steps": 4, "eval_steps": 8}
-TRAIN_CONFIG = replace(settings.active_profile().train, **TRAIN_OVERRIDES)
+TRAIN_CONFIG = replace(settings.profile().train, **TRAIN_OVERRIDES)
 RUN_CONFIG = {"ops": {TRAINED_ASSET: {"config": TRAIN_OVERRIDES}}}
 # `dagster dev` loads both code locations; on a busy 2-core box that took over 2 minutes.
 STARTUP_S = 300
@@ -65,8 +66,8 @@ LAUNCHED = """
     ... on PythonError { message }
     ... on RunConfigValidationInvalid { errors { message } }
 """
-LAUNCH_RUN = "mutation ($params: ExecutionParams!) { launchRun(executionParams: $params) { %s } }" % LAUNCHED
-REEXECUTE = "mutation ($params: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $params) { %s } }" % LAUNCHED
+LAUNCH_RUN = f"mutation ($params: ExecutionParams!) {{ launchRun(executionParams: $params) {{ {LAUNCHED} }} }}"
+REEXECUTE = f"mutation ($params: ReexecutionParams!) {{ launchRunReexecution(reexecutionParams: $params) {{ {LAUNCHED} }} }}"
 
 AUTOMATION_SENSORS = """
 {
@@ -170,7 +171,7 @@ def reference(home, layout, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def instance(home) -> dg.DagsterInstance:
+def instance(home) -> Iterator[dg.DagsterInstance]:
     """The instance `dagster dev` serves, opened here to read runs and events."""
     with contextlib.chdir(home), dg.DagsterInstance.from_config(str(home)) as instance:
         yield instance
@@ -196,7 +197,9 @@ def crash_mid_training(server, instance, run_id: str, run_dir: Path) -> tuple[in
     run worker and the trainer it started are gone. Returns the worker's pid and the step of
     the latest checkpoint left behind."""
     server.wait_until(lambda: (run_dir / "checkpoint").exists(), "a checkpoint", timeout_s=900, poll_s=0.2)
-    pid, _ = run_worker_pid(instance, run_id)
+    worker_pid = run_worker_pid(instance, run_id)
+    assert worker_pid is not None, f"run {run_id} has no worker"
+    pid, _ = worker_pid
     worker = psutil.Process(pid)
     trainers = [p for p in worker.children(recursive=True) if "rugpt_assets.core.train" in p.cmdline()]
     assert trainers, f"no trainer process under run worker {pid}"
@@ -238,7 +241,7 @@ def killed(home, instance, layout, run_dir, tmp_path_factory) -> Killed:
 
 
 @pytest.fixture(scope="module")
-def server(home, killed) -> DagsterDev:
+def server(home, killed) -> Iterator[DagsterDev]:
     """`dagster dev` started again after the crash."""
     with dagster_dev(home, home_env(home), timeout_s=STARTUP_S) as server:
         yield server

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ require_llama_cpp()
 from rugpt_assets.core import gguf_eval  # noqa: E402  (only with llama-cpp-python)
 from rugpt_assets.serve import SamplingDefaults, seed_sampling  # noqa: E402
 
-MESSAGES = [{"role": "user", "content": "Привет! Как дела?"}]
+MESSAGES: list[Any] = [{"role": "user", "content": "Привет! Как дела?"}]  # openai's message dicts
 GREEDY = {"temperature": 0.0, "max_tokens": 200, "extra_body": {"repeat_penalty": 1.0}}
 
 

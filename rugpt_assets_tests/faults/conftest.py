@@ -32,7 +32,7 @@ HUB_REPO = "acme/tiny-gpt2"  # served by the mocked hub below
 EXPORT = {"eval_chats": 8, "eval_max_tokens": 512, "check_new_tokens": 4, "threads": 1}
 # Two optimizer steps, a checkpoint after each: the second checkpoint is the one faulted.
 TRAIN = replace(
-    settings.demo_profile().train,
+    settings.demo_profile(settings.environment()).train,
     max_steps=2, save_steps=1, eval_steps=2, max_eval_chats=4, per_device_batch_size=2, gradient_accumulation_steps=1,
 )  # fmt: skip
 FAULT_RUNS = "fault_training_runs"  # a fresh runs dir: the trainer writes two checkpoints there
@@ -180,7 +180,7 @@ class Target:
     """One artifact set: where it is, how a run writes it, how a reader loads it."""
 
     final: Callable[[], Path]
-    write: Callable[[], None]
+    write: Callable[[], object]
     load: Callable[[Path], None]
     nth: int = 1  # which publication of the set by `write` is faulted
 

@@ -112,6 +112,7 @@ def _arm(
                 if on_arm is not None:  # the disk fills up / the target turns read-only now
                     on_arm()
                 if point == "mid_write" or fsize is not None:
+                    assert fsize is not None, "a mid-write fault needs the size to cut the write at"
                     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
                     signal.signal(signal.SIGXFSZ, signal.SIG_DFL if point == "mid_write" else signal.SIG_IGN)
         with publish(final, pointer) as version:
@@ -141,7 +142,7 @@ def _arm(
 
 
 def run_child(
-    write: Callable[[], None],
+    write: Callable[[], object],
     target: Path,
     workdir: Path,
     point: str | None = None,

@@ -6,11 +6,13 @@ what and where before the work starts, and nothing published changes."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
-from dagster._config import ConfigTypeKind
+from dagster._config import ConfigTypeKind, Shape
 
 from rugpt_assets import chat, settings
 from rugpt_assets.core import evaluate, ggml, sources, train
@@ -120,12 +122,13 @@ def test_non_utf8_and_overlong_lines_fail_the_blocking_check_and_stop_chat_set(s
         (check,) = result.get_asset_check_evaluations()
     assert materialized == {f"raw_{SNAPSHOT}"}  # chat_set was not built from it
     assert not check.passed
-    assert "not_utf8 1" in check.metadata["reasons"].value and "line_too_long 1" in check.metadata["reasons"].value
-    examples = check.metadata["reject_examples"].value
+    metadata: dict[str, Any] = {k: v.value for k, v in check.metadata.items()}
+    assert "not_utf8 1" in metadata["reasons"] and "line_too_long 1" in metadata["reasons"]
+    examples = metadata["reject_examples"]
     lines = len(good.splitlines())
     assert any(e.startswith(f"line {lines + 1}: not_utf8 (byte 0xff at offset") for e in examples), examples
     assert f"line {lines + 2}: line_too_long (longer than {sources.MAX_LINE_BYTES} bytes)" in examples
-    assert check.metadata["rejected_by_reason"].value["not_utf8"] == 1
+    assert metadata["rejected_by_reason"]["not_utf8"] == 1
     after = everything()
     assert after.pop(f"raw_{SNAPSHOT}") != before.pop(f"raw_{SNAPSHOT}")  # the snapshot itself is published
     assert after == before
@@ -184,8 +187,10 @@ def job_of(op: str) -> dg.JobDefinition:
     return defs_of(op).resolve_implicit_global_asset_job_def()
 
 
-def launchpad_fields(op: str) -> dict:
-    return defs_of(op).resolve_assets_def(op).op.config_schema.as_field().config_type.fields
+def launchpad_fields(op: str) -> Mapping[str, Any]:
+    config_type = defs_of(op).resolve_assets_def(op).op.config_schema.as_field().config_type
+    assert isinstance(config_type, Shape)
+    return config_type.fields
 
 
 def test_every_launchpad_field_is_covered():
