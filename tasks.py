@@ -41,9 +41,7 @@ def ensure_env(required_extras: tuple[str, ...] = ()) -> None:
     wanted_extras = ["test", *required_extras, *filter(None, os.environ.get("RUGPT_EXTRAS", "").split(","))]
     extras = ",".join(dict.fromkeys(wanted_extras))
     stamp = VENV / ".rugpt-installed"
-    wanted = hashlib.sha256(
-        (ROOT / "pyproject.toml").read_bytes() + torch_req.encode() + extras.encode()
-    ).hexdigest()
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + torch_req.encode() + extras.encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == wanted:
         return
     if not PYTHON.exists():
@@ -100,8 +98,13 @@ def restore_default_signals() -> None:
 def test() -> int:
     ensure_env(required_extras=("gguf",))
     env = venv_env()
-    # Lint and import order, then types (pyproject.toml configures both), then the tests.
-    for check in ([BIN / "ruff", "check", "."], [BIN / "basedpyright", "--pythonpath", PYTHON]):
+    # Lint and import order, formatting, then types (pyproject.toml configures them), then the tests.
+    checks = (
+        [BIN / "ruff", "check", "."],
+        [BIN / "ruff", "format", "--check", "."],
+        [BIN / "basedpyright", "--pythonpath", PYTHON],
+    )
+    for check in checks:
         log(f"{check[0].name} …")
         if status := subprocess.call([str(a) for a in check], cwd=ROOT, env=env):
             return status

@@ -170,9 +170,7 @@ def measure(root: Path, out_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, help="synthetic sources, generated when missing (default: temp)")
     parser.add_argument("--scale", type=float, default=1.0, help="rows per source relative to the hub")
     parser.add_argument("--stats", action="store_true", help="also print the recipe's per-step counts")

@@ -129,8 +129,7 @@ def extrapolate(spec: dict, measured_gb: float, tokens: int, targets: int) -> li
     params = 12 * e * e * layers + (vocab + ctx) * e
     bench_params = 12 * spec["n_embd"] ** 2 * spec["n_layer"] + (spec["vocab"] + ctx) * spec["n_embd"]
     return [
-        f"one float32 layer at n_embd {e}: {12 * e * e * 4 / GB:.2f} GB; float32 lm_head: {vocab * e * 4 / GB:.2f} GB"
-        " (the same at 13B)",
+        f"one float32 layer at n_embd {e}: {12 * e * e * 4 / GB:.2f} GB; float32 lm_head: {vocab * e * 4 / GB:.2f} GB (the same at 13B)",
         f"hidden states for {full_tokens} tokens instead of {tokens}: +{hidden:.2f} GB; top-{export.kl_top_k} "
         f"reference for {full_targets} targets instead of {targets}: +{reference:.3f} GB",
         f"streamed evaluation at 13B ({layers} layers): {measured_gb:.2f} + {hidden:.2f} + {reference:.3f} = "

@@ -34,9 +34,7 @@ import numpy as np
 GB = 1e9
 
 
-def build(
-    work: Path, n_embd: int, n_layer: int, n_head: int, vocab: int, n_positions: int, peaked: bool = False
-) -> None:
+def build(work: Path, n_embd: int, n_layer: int, n_head: int, vocab: int, n_positions: int, peaked: bool = False) -> None:
     """A random GPT-2: every tensor N(0, 0.02). `peaked`: layer norms at weight 1 and bias 0 and the
     token embedding (also the head) N(0, 0.1), so next-token distributions are peaked as a trained
     model's are, not near uniform; quantization error then shows in KL instead of vanishing in it."""

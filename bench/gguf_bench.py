@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50272)
     parser.add_argument("--n-positions", type=int, default=2048)
     parser.add_argument(
-        "--peaked", action="store_true",
+        "--peaked",
+        action="store_true",
         help="random model with peaked next-token distributions (unit layer norms, wider embedding), for KL",
     )
     parser.add_argument("--threads", type=int, default=2, help="threads of every runtime, quantizer and speed run")
@@ -178,9 +179,7 @@ def main() -> None:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="of the scored chats")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--steps", default="make,eval", help="make (write and quantize), eval (all numbers), speed (size and speed only)"
-    )
+    parser.add_argument("--steps", default="make,eval", help="make (write and quantize), eval (all numbers), speed (size and speed only)")
     parser.add_argument("--formats", default="GGML,GGUF", help="which files to make and evaluate")
     parser.add_argument("--types", help="make only these quantized types (and not the f16 files)")
     parser.add_argument("--child", help=argparse.SUPPRESS)

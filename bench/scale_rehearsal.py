@@ -340,8 +340,19 @@ def main() -> None:
     t0 = time.time()
     makers = [
         subprocess.Popen([*me, "_sources", str(sources_dir), str(args.source_scale)], env=env),
-        subprocess.Popen([*me, "_model", str(model_dir), str(args.n_embd), str(args.n_head), str(args.layers),
-                          str(args.vocab), "cpu" if args.cpu else "cuda"], env=env),  # fmt: skip
+        subprocess.Popen(
+            [
+                *me,
+                "_model",
+                str(model_dir),
+                str(args.n_embd),
+                str(args.n_head),
+                str(args.layers),
+                str(args.vocab),
+                "cpu" if args.cpu else "cuda",
+            ],
+            env=env,
+        ),  # fmt: skip
     ]
     inst = Instance(work, env, out / "dagster.log", args.monitor_s)
     for kind, name, location in (("sensor", "retrain_on_new_data", CPU_LOCATION),
@@ -413,8 +424,13 @@ def main() -> None:
         phase("killed_run_marked", t, status=status)
         run("train_resumed", GPU_LOCATION, "train", train_run_config)
         run("export", CPU_LOCATION, "export", {"ops": {"ggml_f16": {"config": export_config}}})
-        run("quantize_Q5_1", CPU_LOCATION, "quantize", {"ops": {"ggml_quantized": {"config": export_config}}},
-            tags={"dagster/partition": "Q5_1"})
+        run(
+            "quantize_Q5_1",
+            CPU_LOCATION,
+            "quantize",
+            {"ops": {"ggml_quantized": {"config": export_config}}},
+            tags={"dagster/partition": "Q5_1"},
+        )
     except Exception as e:  # noqa: BLE001 - record what broke and report what was measured
         results["error"] = f"{type(e).__name__}: {e}"
         print("error:", results["error"], flush=True)

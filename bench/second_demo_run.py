@@ -61,9 +61,7 @@ def report(home: Path, wall: list[float]) -> dict:
                 step_s |= step_seconds(instance, run.run_id)
                 messages = [e.user_message for e in instance.all_logs(run.run_id) if e.step_key == "base_model"]
                 base_model_log += [m for m in messages if m.startswith(("reused the base model", "built the base model"))]
-            result["whole_graph"].append(
-                {"run_ids": [r.run_id for r in attempt], "step_s": step_s, "base_model_log": base_model_log}
-            )
+            result["whole_graph"].append({"run_ids": [r.run_id for r in attempt], "step_s": step_s, "base_model_log": base_model_log})
     return result
 
 

@@ -46,9 +46,7 @@ def resolve_model_path(quant: str, file_format: str = "ggml") -> Path:
     else:
         names = {q.name.lower(): q.name for q in types}
         if quant.lower() not in names:
-            raise SystemExit(
-                f"--quant {quant!r}: choose f16 or one of {', '.join(names.values())} (format {file_format})"
-            )
+            raise SystemExit(f"--quant {quant!r}: choose f16 or one of {', '.join(names.values())} (format {file_format})")
         name = names[quant.lower()]
         path, how = quantized_path(name), f"partition {name} of the asset {quantized_asset}"
         select = f"{quantized_asset} --partition {name}"

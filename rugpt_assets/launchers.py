@@ -94,9 +94,7 @@ class RoutingRunLauncher(RunLauncher, ConfigurableClass):
         }
 
     @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]
-    ) -> RoutingRunLauncher:
+    def from_config_value(cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]) -> RoutingRunLauncher:
         return cls(inst_data=inst_data, **config_value)
 
     def register_instance(self, instance) -> None:
@@ -151,9 +149,7 @@ class RoutingRunLauncher(RunLauncher, ConfigurableClass):
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         return self._started(run).check_run_worker_health(run)
 
-    def get_run_worker_debug_info(
-        self, run: DagsterRun, include_container_logs: bool | None = True
-    ) -> str | None:
+    def get_run_worker_debug_info(self, run: DagsterRun, include_container_logs: bool | None = True) -> str | None:
         return self._started(run).get_run_worker_debug_info(run, include_container_logs)
 
     @property

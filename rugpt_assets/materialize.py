@@ -42,9 +42,7 @@ def run(plan: Sequence[Step]) -> int:
     for defs, job_name, partition in plan:
         label = job_name + (f"[{partition}]" if partition else "")
         print(f"rugpt-assets: running {label} …", flush=True)
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            instance=instance, partition_key=partition, raise_on_error=False
-        )
+        result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, partition_key=partition, raise_on_error=False)
         if not result.success:
             print(f"rugpt-assets: {label} failed (run {result.run_id}); see the run's logs in the UI", file=sys.stderr)
             return 1

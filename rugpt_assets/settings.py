@@ -52,15 +52,15 @@ class Environment:
 
     profile: str = variable("RUGPT_PROFILE", "demo", "Which profile the code locations run: demo or rugpt35.")
     sources_dir: Path | None = variable(
-        "RUGPT_SOURCES_DIR", None,
+        "RUGPT_SOURCES_DIR",
+        None,
         "A local mirror of the seven datasets in the hub layout; unset: the bundled samples (demo) or the hub (rugpt35).",
     )
-    storage_dir: Path | None = variable(
-        "RUGPT_STORAGE_DIR", None, "Where artifacts are written; unset: $DAGSTER_HOME/storage/artifacts."
-    )
+    storage_dir: Path | None = variable("RUGPT_STORAGE_DIR", None, "Where artifacts are written; unset: $DAGSTER_HOME/storage/artifacts.")
     dagster_home: Path = variable("DAGSTER_HOME", Path("."), "The Dagster instance's directory (Dagster's own variable).")
     demo_train_steps: int = variable(
-        "RUGPT_DEMO_TRAIN_STEPS", 60,
+        "RUGPT_DEMO_TRAIN_STEPS",
+        60,
         "Optimizer steps of the demo profile's training; shortens runs that automation or a backfill start.",
     )
     base_model_repo: str = variable("RUGPT_BASE_MODEL_REPO", RUGPT35_REPO, "The rugpt35 profile's base model on the hub.")
@@ -206,9 +206,7 @@ PROFILES = {"demo": demo_profile, "rugpt35": rugpt35_profile}
 
 def build_profile(env: Environment) -> Profile:
     if env.profile not in PROFILES:
-        raise ValueError(
-            f"RUGPT_PROFILE={env.profile!r} is not a profile; choose one of: {', '.join(PROFILES)}"
-        )
+        raise ValueError(f"RUGPT_PROFILE={env.profile!r} is not a profile; choose one of: {', '.join(PROFILES)}")
     return PROFILES[env.profile](env)
 
 

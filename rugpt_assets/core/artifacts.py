@@ -271,8 +271,7 @@ def _write_error(final: Path, cause: BaseException, what: str) -> ArtifactWriteE
     detail = getattr(cause, "strerror", None) or cause
     return ArtifactWriteError(
         getattr(cause, "errno", None) or 0,
-        f"could not publish {final}: {what} ({detail}; at {where}). "
-        "Nothing was published; the previous version, if any, is untouched.",
+        f"could not publish {final}: {what} ({detail}; at {where}). Nothing was published; the previous version, if any, is untouched.",
     )
 
 
@@ -396,7 +395,6 @@ def check_safetensors(model_dir: Path) -> list[Path]:
                 "Materialize the asset that wrote it again."
             ) from exc
     return files
-
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:

@@ -153,9 +153,7 @@ def convert_bin_to_safetensors(model_dir: Path) -> None:
         shard.unlink()
     if index_path.exists():
         index = json.loads(index_path.read_text())
-        index["weight_map"] = {
-            k: renamed[v] for k, v in index["weight_map"].items() if k != "lm_head.weight"
-        }
+        index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items() if k != "lm_head.weight"}
         (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         index_path.unlink()
 

@@ -505,9 +505,7 @@ def shuffle_and_split(records, rng: random.Random, config: RecipeConfig, stats) 
 # --- the recipe ------------------------------------------------------------------------------
 
 
-def build_chat_set(
-    rows: Mapping[str, Sequence[dict]], config: RecipeConfig, bad_substrings: Sequence[str]
-) -> ChatSet:
+def build_chat_set(rows: Mapping[str, Sequence[dict]], config: RecipeConfig, bad_substrings: Sequence[str]) -> ChatSet:
     missing = [spec.name for spec in SOURCES if spec.name not in rows]
     if missing:
         raise KeyError(
@@ -549,9 +547,7 @@ def recipe_parity(chat_set: ChatSet) -> dict[str, Any]:
             "made on the recipe's own Random(seed) at the same step; MinHash permutations: scheme "
             f"{MINHASH_SCHEME!r} (datasketch 1.x)"
         ),
-        "counts_per_source": {
-            spec.name: {"step": step, **chat_set.stats[step]} for spec, step in zip(SOURCES, SOURCE_STEPS)
-        },
+        "counts_per_source": {spec.name: {"step": step, **chat_set.stats[step]} for spec, step in zip(SOURCES, SOURCE_STEPS)},
     }
 
 

@@ -18,10 +18,7 @@ from typing import Any, Literal
 # The TrainConfig an adapter was trained with, saved beside it (evaluation reads its system prompt).
 TRAIN_CONFIG_FILE = "train_config.json"
 
-DEFAULT_SYSTEM_PROMPT = (
-    "Ты — ruGPT-3.5, русскоязычный автоматический ассистент. "
-    "Ты разговариваешь с людьми и помогаешь им."
-)
+DEFAULT_SYSTEM_PROMPT = "Ты — ruGPT-3.5, русскоязычный автоматический ассистент. Ты разговариваешь с людьми и помогаешь им."
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -50,9 +47,7 @@ class _Checked:
             choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ValueError(
-                    f"{type(self).__name__}.{f.name}={value!r} is not one of: {', '.join(map(str, choices))}"
-                )
+                raise ValueError(f"{type(self).__name__}.{f.name}={value!r} is not one of: {', '.join(map(str, choices))}")
         problems = self.check()
         if problems:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))

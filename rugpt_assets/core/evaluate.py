@@ -105,9 +105,7 @@ def generate(
     HF-comparable mode); otherwise the seed's sampling settings (llm-rs has no
     no_repeat_ngram_size). `on_text` receives the text as it is produced."""
     if sampling is None:
-        config = LlmRsGenerationConfig(
-            top_k=1, top_p=1.0, temperature=1.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens
-        )
+        config = LlmRsGenerationConfig(top_k=1, top_p=1.0, temperature=1.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens)
     else:
         config = LlmRsGenerationConfig(
             top_k=sampling.top_k,

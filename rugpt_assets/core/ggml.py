@@ -254,8 +254,7 @@ def tokenizer_vocab(tokenizer, n_vocab: int) -> list[VocabEntry | None]:
             vocab[i] = VocabEntry(token, added=False, special=False)
         else:
             raise ValueError(
-                f"token {i} {token!r} is not byte-level BPE; only GPT-2 style byte-level "
-                "tokenizers can be exported to GGML or GGUF"
+                f"token {i} {token!r} is not byte-level BPE; only GPT-2 style byte-level tokenizers can be exported to GGML or GGUF"
             )
     return vocab
 
@@ -422,9 +421,7 @@ def write_llm_rs_meta(ggml_path: Path, quantization: QuantizationType) -> Path:
         model=KnownModels.Gpt2,
         quantization=quantization,
         container=ContainerType.GGML,
-        quantization_version=(
-            QuantizationVersions.Not_Quantized if quantization == QuantizationType.F16 else QuantizationVersions.V2
-        ),
+        quantization_version=(QuantizationVersions.Not_Quantized if quantization == QuantizationType.F16 else QuantizationVersions.V2),
     )
     meta_path(ggml_path).write_text(json.dumps(metadata.serialize(), indent=4) + "\n")
     return meta_path(ggml_path)

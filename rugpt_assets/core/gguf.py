@@ -107,9 +107,7 @@ def gguf_vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
             types.append(TokenType.UNUSED)
         else:
             tokens.append(entry.text)
-            types.append(
-                TokenType.CONTROL if entry.special else TokenType.USER_DEFINED if entry.added else TokenType.NORMAL
-            )
+            types.append(TokenType.CONTROL if entry.special else TokenType.USER_DEFINED if entry.added else TokenType.NORMAL)
     if len(set(tokens)) != len(tokens):
         raise ValueError("the vocabulary has duplicate token texts; llama.cpp maps each text to one id")
     return tokens, [int(t) for t in types]
@@ -258,10 +256,8 @@ def modelfile_text(
         ("num_predict", generation.max_new_tokens),
         ("num_ctx", n_ctx),
     ]
-    return (
-        f"FROM ./{gguf_name}\n"
-        f'TEMPLATE """{ollama_template()}"""\n'
-        f'SYSTEM """{system_prompt}"""\n' + "".join(f"PARAMETER {k} {v}\n" for k, v in parameters)
+    return f'FROM ./{gguf_name}\nTEMPLATE """{ollama_template()}"""\nSYSTEM """{system_prompt}"""\n' + "".join(
+        f"PARAMETER {k} {v}\n" for k, v in parameters
     )
 
 
@@ -340,11 +336,7 @@ UNQUANTIZED = frozenset({"position_embd.weight"})
 def fallbacks(contents: GGUFContents, gguf_type: GGUFType) -> dict[str, str]:
     """Weights whose rows do not fit `gguf_type`'s blocks, with the type llama.cpp chose."""
     block = gguf.GGML_QUANT_SIZES[gguf_type.main_type][0]
-    return {
-        t.name: t.type.name
-        for t in contents.tensors
-        if len(t.ne) == 2 and t.name not in UNQUANTIZED and t.ne[0] % block
-    }
+    return {t.name: t.type.name for t in contents.tensors if len(t.ne) == 2 and t.name not in UNQUANTIZED and t.ne[0] % block}
 
 
 # ---------------------------------------------------------------------------- quantizing
@@ -380,9 +372,7 @@ def quantize_gguf(f16_path: Path, gguf_type: GGUFType, out_path: Path, threads: 
     start = time.perf_counter()
     modelfile = modelfile_path(f16_path).read_text(encoding="utf-8")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    modelfile_path(out_path).write_text(
-        modelfile.replace(f"FROM ./{f16_path.name}\n", f"FROM ./{out_path.name}\n", 1), encoding="utf-8"
-    )
+    modelfile_path(out_path).write_text(modelfile.replace(f"FROM ./{f16_path.name}\n", f"FROM ./{out_path.name}\n", 1), encoding="utf-8")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(gguf_type.file_type)
     params.nthread = threads

@@ -236,8 +236,7 @@ def _write_shard(src: Path, dst: Path, deltas: dict[str, _Delta], output: torch.
                 low, high = (v.item() for v in torch.aminmax(tensor))
                 if not -torch.finfo(dtype).max <= low <= high <= torch.finfo(dtype).max:
                     raise ValueError(
-                        f"{src}: {name} has values outside the {dtype} range ({low:g}..{high:g}); "
-                        "merge to bfloat16 or float32 instead"
+                        f"{src}: {name} has values outside the {dtype} range ({low:g}..{high:g}); merge to bfloat16 or float32 instead"
                     )
             tensor = tensor.to(dtype)
             fout.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)

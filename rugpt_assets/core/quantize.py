@@ -99,9 +99,7 @@ def _verify(path: Path, f16: ggml.GGMLFile, quant: QuantType) -> None:
         raise RuntimeError(f"llm-rs quantized {path} wrongly: " + "; ".join(problems))
 
 
-def quantize_ggml(
-    f16_path: Path, quant: QuantType, out_path: Path, progress: Callable[[str], None] | None = None
-) -> QuantReport:
+def quantize_ggml(f16_path: Path, quant: QuantType, out_path: Path, progress: Callable[[str], None] | None = None) -> QuantReport:
     """Quantize an f16 GGML file (from `ggml.write_ggml_f16`) with llm-rs into `out_path`,
     with the `.meta` and tokenizer sidecars llm-rs loads it with, and check it reads back right.
     Written in place: the caller publishes the set (`artifacts.publish_file`).

@@ -321,9 +321,7 @@ def hub_revision(spec: SourceSpec, revision: str | None = None, token: str | Non
     return sha
 
 
-def read_hub(
-    spec: SourceSpec, revision: str | None = None, token: str | None = None
-) -> tuple[Iterator[Any], str]:
+def read_hub(spec: SourceSpec, revision: str | None = None, token: str | None = None) -> tuple[Iterator[Any], str]:
     """Rows of the hub dataset and the commit sha they were read at.
 
     ``revision`` None means the default branch. The sha is resolved first and the data is

@@ -47,9 +47,7 @@ def _counts_table(summary: dict) -> dg.MetadataValue:
         "`val.jsonl`; rows `{messages: [{role, content}], source}`."
     ),
 )
-def chat_set(
-    context: dg.AssetExecutionContext, config: RecipeRunConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+def chat_set(context: dg.AssetExecutionContext, config: RecipeRunConfig, storage: StorageResource) -> dg.MaterializeResult:
     recipe = settings.config_to_dataclass(config, RecipeConfig)
     layout = storage.layout
     rows = {spec.name: sources.read_snapshot(layout.raw_source(spec.name)) for spec in sources.SOURCES}

@@ -142,14 +142,10 @@ def perplexity_bound(path: Path, f16_path: Path, bound: float) -> dg.AssetCheckR
         "updated table as an observation of this asset (newest first under Events)."
     ),
 )
-def ggml_f16(
-    context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+def ggml_f16(context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource) -> dg.MaterializeResult:
     export = settings.config_to_dataclass(config, ExportConfig)
     layout = storage.layout
-    require_upstream(
-        "ggml_f16", {"merged_model": [layout.merged_model / "config.json"], "chat_set": [layout.chat_set / "val.jsonl"]}
-    )
+    require_upstream("ggml_f16", {"merged_model": [layout.merged_model / "config.json"], "chat_set": [layout.chat_set / "val.jsonl"]})
     path = layout.ggml_f16
     eval_set = eval_set_of(storage, export)
     with publish_file(path) as staged:  # the file, its sidecars, its evaluation and reference: one set
@@ -157,9 +153,7 @@ def ggml_f16(
         numbers, reference = evaluate.evaluate_ggml_file(staged, eval_set, export, progress=context.log.info)
         evaluate.write_evaluation(staged, numbers, reference)
     context.log.info(f"f16: {numbers['size_bytes'] / 2**20:.1f} MiB, perplexity {numbers['perplexity']:.3f}")
-    return dg.MaterializeResult(
-        metadata={**file_metadata(path, numbers), "quantizations": quant_table(storage)}
-    )
+    return dg.MaterializeResult(metadata={**file_metadata(path, numbers), "quantizations": quant_table(storage)})
 
 
 @dg.asset(
@@ -179,9 +173,7 @@ def ggml_f16(
         "or the run fails before quantizing. Files: `<storage>/ggml/model-<type>.bin`."
     ),
 )
-def ggml_quantized(
-    context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+def ggml_quantized(context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource) -> dg.MaterializeResult:
     export = settings.config_to_dataclass(config, ExportConfig)
     quant = QuantType[context.partition_key]
     layout = storage.layout

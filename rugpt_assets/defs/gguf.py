@@ -68,8 +68,7 @@ def _fallback_note(report: gguf.GGUFQuantReport) -> dg.MetadataValue:
         for tensor_type, names in sorted(by_type.items())
     ]
     return dg.MetadataValue.md(
-        f"Rows not a multiple of the {report.gguf_type.main_type.name} block length; llama.cpp used instead:\n"
-        + "\n".join(lines)
+        f"Rows not a multiple of the {report.gguf_type.main_type.name} block length; llama.cpp used instead:\n" + "\n".join(lines)
     )
 
 
@@ -94,9 +93,7 @@ def _fallback_note(report: gguf.GGUFQuantReport) -> dg.MetadataValue:
 def gguf_f16(context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource) -> dg.MaterializeResult:
     export = settings.config_to_dataclass(config, ExportConfig)
     layout = storage.layout
-    require_upstream(
-        "gguf_f16", {"merged_model": [layout.merged_model / "config.json"], "chat_set": [layout.chat_set / "val.jsonl"]}
-    )
+    require_upstream("gguf_f16", {"merged_model": [layout.merged_model / "config.json"], "chat_set": [layout.chat_set / "val.jsonl"]})
     path = layout.gguf_f16
     eval_set = eval_set_of(storage, export)
     with publish_file(path) as staged:  # the file, its Modelfile, its evaluation and reference: one set
@@ -131,9 +128,7 @@ def gguf_f16(context: dg.AssetExecutionContext, config: ExportRunConfig, storage
         "Files: `<storage>/gguf/model-<type>.gguf`."
     ),
 )
-def gguf_quantized(
-    context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+def gguf_quantized(context: dg.AssetExecutionContext, config: ExportRunConfig, storage: StorageResource) -> dg.MaterializeResult:
     export = settings.config_to_dataclass(config, ExportConfig)
     gguf_type = GGUFType[context.partition_key]
     layout = storage.layout
@@ -153,9 +148,7 @@ def gguf_quantized(
         metadata={
             **file_metadata(path, numbers),
             **against_f16(numbers, f16, report),
-            "tensor_types": metadata_table(
-                [{"type": t, "tensors": n} for t, n in report.tensor_types.items()], ["type", "tensors"]
-            ),
+            "tensor_types": metadata_table([{"type": t, "tensors": n} for t, n in report.tensor_types.items()], ["type", "tensors"]),
             "fallbacks": _fallback_note(report),
             "modelfile": dg.MetadataValue.path(str(gguf.modelfile_path(path))),
             "quantizations": quant_table(storage),
@@ -202,9 +195,7 @@ def gguf_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResu
     layout = storage.layout
     export = evaluated_with(layout.gguf_f16, "gguf_f16")
     prompt = render_prompt([{"role": "user", "content": export.check_prompt}])
-    agreement = gguf_eval.greedy_agreement(
-        layout.gguf_f16, layout.merged_model, prompt, export.check_new_tokens, export.threads
-    )
+    agreement = gguf_eval.greedy_agreement(layout.gguf_f16, layout.merged_model, prompt, export.check_new_tokens, export.threads)
     return dg.AssetCheckResult(
         passed=agreement["equal"],
         metadata={"tokens": agreement["tokens"], "matching_prefix": agreement["matching_prefix"]},
@@ -216,12 +207,8 @@ def gguf_f16_matches_merged_model(storage: StorageResource) -> dg.AssetCheckResu
     partitions_def=gguf_partitions,
     description="Loads in llama.cpp, generates, and tokenizes the probes as HF.",
 )
-def gguf_quantized_loads_and_tokenizes(
-    context: dg.AssetCheckExecutionContext, storage: StorageResource
-) -> dg.AssetCheckResult:
-    return _loads_generates_tokenizes(
-        storage.layout.gguf_quantized(context.partition_key), "gguf_quantized", storage.layout.merged_model
-    )
+def gguf_quantized_loads_and_tokenizes(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    return _loads_generates_tokenizes(storage.layout.gguf_quantized(context.partition_key), "gguf_quantized", storage.layout.merged_model)
 
 
 @dg.asset_check(
@@ -229,9 +216,7 @@ def gguf_quantized_loads_and_tokenizes(
     partitions_def=gguf_partitions,
     description="Perplexity (llama.cpp's logits) within the type's bound of f16's (3× the published llama.cpp cost + 2 %).",
 )
-def gguf_quantized_perplexity_bound(
-    context: dg.AssetCheckExecutionContext, storage: StorageResource
-) -> dg.AssetCheckResult:
+def gguf_quantized_perplexity_bound(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
     gguf_type = GGUFType[context.partition_key]
     layout = storage.layout
     return perplexity_bound(layout.gguf_quantized(gguf_type.name), layout.gguf_f16, gguf_type.max_ppl_increase)

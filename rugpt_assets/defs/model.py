@@ -56,15 +56,17 @@ class BaseModelConfig(dg.Config):
         "Directory: `<storage>/base_model/`."
     ),
 )
-def base_model(
-    context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource) -> dg.MaterializeResult:
     check_base_model_settings(config.repo, config.revision, config.token_env_var, config.local_dir)
     target = storage.layout.base_model
     token = settings.secret(config.token_env_var)
     started = time.perf_counter()
     snapshot = materialize_base_model(
-        target, config.repo, config.revision, token, settings.BUNDLED_SAMPLES_DIR,
+        target,
+        config.repo,
+        config.revision,
+        token,
+        settings.BUNDLED_SAMPLES_DIR,
         Path(config.local_dir) if config.local_dir else None,
     )
     seconds = time.perf_counter() - started
@@ -169,9 +171,7 @@ def eval_loss_below_base(storage: StorageResource) -> dg.AssetCheckResult:
         "Directory: `<storage>/merged_model/`."
     ),
 )
-def merged_model(
-    context: dg.AssetExecutionContext, config: MergeRunConfig, storage: StorageResource
-) -> dg.MaterializeResult:
+def merged_model(context: dg.AssetExecutionContext, config: MergeRunConfig, storage: StorageResource) -> dg.MaterializeResult:
     layout = storage.layout
     require_upstream(
         "merged_model",

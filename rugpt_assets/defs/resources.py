@@ -73,8 +73,7 @@ class TrainerResource(dg.ConfigurableResource):
     def command(self, job_path: Path) -> list[str]:
         module = ["-m", "rugpt_assets.core.train", "--config", str(job_path)]
         if self.launcher == "torchrun":
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={self.nproc_per_node}", *module]
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc_per_node}", *module]
         return [sys.executable, *module]
 
     def run(
@@ -91,4 +90,3 @@ def resources_for(profile: settings.Profile) -> dict[str, dg.ConfigurableResourc
         "sources_resource": SourcesResource(mode=profile.source_mode),
         "trainer": TrainerResource(),
     }
-

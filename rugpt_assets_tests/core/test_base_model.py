@@ -90,8 +90,7 @@ def flip_a_byte(root: Path) -> None:
         (lambda root: (root / SNAPSHOT_MANIFEST).write_text("{"), r"no readable \.snapshot/manifest\.json"),
         (lambda root: (root / SNAPSHOT_MANIFEST).write_text("{}"), r"no readable \.snapshot/manifest\.json"),
     ],
-    ids=["truncated", "byte-flipped", "file-missing", "extra-file", "manifest-missing", "manifest-corrupt",
-         "manifest-empty"],
+    ids=["truncated", "byte-flipped", "file-missing", "extra-file", "manifest-missing", "manifest-corrupt", "manifest-empty"],
 )
 def test_damaged_snapshot_gets_a_fresh_copy(tmp_path, damage, reason):
     build = CountingBuilder()

@@ -26,9 +26,7 @@ def test_two_turns_reset_and_exit(export, file_format):
     stdin = "Назови столицу России.\nЧто такое ёжик?\n/reset\nНазови столицу России.\n/exit\nnot read\n"
     path = export.f16 if file_format == "ggml" else export.gguf_f16
     args = ["--model", str(path), "--threads", "1", "--max-new-tokens", "64"]
-    out = subprocess.run(
-        [sys.executable, "-m", "rugpt_assets.chat", *args], input=stdin, capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-m", "rugpt_assets.chat", *args], input=stdin, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     replies = re.findall(r"bot> (.*)", out.stdout)
     # every reply stopped at </s>, not at the token limit

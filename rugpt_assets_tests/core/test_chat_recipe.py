@@ -198,9 +198,7 @@ def minhash(text):
 
 def test_fingerprint_tokens():
     # Case-insensitive regex, tokens kept as written (not lower-cased).
-    assert cr.fingerprint_tokens("Ёж-ик, 2024 год! abc-Def x") == [
-        t.encode() for t in ["Ёж-ик", ",", "2024", "год", "!", "abc-Def", "x"]
-    ]
+    assert cr.fingerprint_tokens("Ёж-ик, 2024 год! abc-Def x") == [t.encode() for t in ["Ёж-ик", ",", "2024", "год", "!", "abc-Def", "x"]]
 
 
 def test_fingerprint_is_datasketch_1x_minhash_fed_every_token():
@@ -310,9 +308,7 @@ def test_step5_reads_messages_up_to_the_first_bad_one():
         {"messages": [{"role": "user", "content": "Да", "lang": "ru"}]},  # message objects are kept whole
     ]
     stats = {}
-    assert cr.saiga_records(rows, BAD, stats) == [
-        rec("saiga"), rec("saiga", {"role": "user", "content": "Да", "lang": "ru"})
-    ]
+    assert cr.saiga_records(rows, BAD, stats) == [rec("saiga"), rec("saiga", {"role": "user", "content": "Да", "lang": "ru"})]
     assert stats["saiga"] == {"rows": 5, "dropped_bad": 1, "rejected_content_not_text": 2, "kept": 2}
 
 

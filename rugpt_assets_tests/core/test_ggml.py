@@ -57,9 +57,7 @@ def demo_export(tmp_path_factory) -> SimpleNamespace:
         build_demo_model(texts, root / "model", DemoModelSpec(vocab_size=512, pretrain_steps=120, pretrain_lr=3e-3))
         ggml.write_ggml_f16(root / "model", root / "ggml" / "model-f16.bin")
         (root / "ready").touch()
-    return SimpleNamespace(
-        model_dir=root / "model", f16=root / "ggml" / "model-f16.bin", val_chats=chats[N_TRAIN:], root=root
-    )
+    return SimpleNamespace(model_dir=root / "model", f16=root / "ggml" / "model-f16.bin", val_chats=chats[N_TRAIN:], root=root)
 
 
 @pytest.fixture(scope="session")

@@ -163,8 +163,7 @@ def test_modelfile(export):
     assert f'SYSTEM """{DEFAULT_SYSTEM_PROMPT}"""' in text
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert template == (
-        '{{- range .Messages }}<s>{{ if eq .Role "assistant" }}bot{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}</s>\n'
-        "{{ end }}<s>bot\n"
+        '{{- range .Messages }}<s>{{ if eq .Role "assistant" }}bot{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}</s>\n{{ end }}<s>bot\n'
     )
 
 

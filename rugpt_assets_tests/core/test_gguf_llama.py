@@ -36,8 +36,7 @@ def export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quantized(export):
     return {
-        t: gguf.quantize_gguf(export.gguf_f16, t, export.root / "gguf" / f"model-{t.name.lower()}.gguf", threads=1)
-        for t in gguf.GGUFType
+        t: gguf.quantize_gguf(export.gguf_f16, t, export.root / "gguf" / f"model-{t.name.lower()}.gguf", threads=1) for t in gguf.GGUFType
     }
 
 
@@ -153,10 +152,7 @@ def test_perplexity_and_kl_from_llama_cpps_logits(export, quantized, hf_model, t
     assert f16["perplexity"] == pytest.approx(hf_perplexity, rel=1e-3) and "kl_to_f16" not in f16
     assert f16["eval_set_sha256"] == eval_set.sha256 and reference.eval_set_sha256 == eval_set.sha256
     evaluate.write_evaluation(export.gguf_f16, f16, reference)
-    results = {
-        t: gguf_eval.evaluate_gguf_file(r.path, eval_set, config, f16_path=export.gguf_f16)[0]
-        for t, r in quantized.items()
-    }
+    results = {t: gguf_eval.evaluate_gguf_file(r.path, eval_set, config, f16_path=export.gguf_f16)[0] for t, r in quantized.items()}
     kl = {t: r["kl_to_f16"] for t, r in results.items()}
     for gguf_type, numbers in results.items():
         assert math.isfinite(numbers["perplexity"]) and numbers["generation_tokens_per_s"] > 0

@@ -86,9 +86,7 @@ def test_perplexity_ordering_is_sane(export, quantized):
     eval_set = build_eval_set(export.val_chats, tokenizer, 256, DEFAULT_SYSTEM_PROMPT, config.eval_chats)
     f16, reference = evaluate.evaluate_ggml_file(export.f16, eval_set, config)
     evaluate.write_evaluation(export.f16, f16, reference)
-    results = {
-        q: evaluate.evaluate_ggml_file(r.path, eval_set, config, f16_path=export.f16)[0] for q, r in quantized.items()
-    }
+    results = {q: evaluate.evaluate_ggml_file(r.path, eval_set, config, f16_path=export.f16)[0] for q, r in quantized.items()}
     assert math.isfinite(f16["perplexity"]) and "kl_to_f16" not in f16
     delta = {q: r["perplexity"] / f16["perplexity"] - 1 for q, r in results.items()}
     kl = {q: r["kl_to_f16"] for q, r in results.items()}

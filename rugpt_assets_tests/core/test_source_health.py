@@ -73,9 +73,7 @@ def test_non_utf8_and_overlong_lines_are_counted_with_their_line(tmp_path):
     lines = list(sources._json_lines(path, max_line_bytes=200))
     result = sources.normalize_rows(SPEC, lines)
     assert result.rows_kept == 2 and result.rejected == {"not_utf8": 1, "line_too_long": 1}
-    assert result.reject_examples == [
-        "line 2: not_utf8 (byte 0xff at offset 14)", "line 3: line_too_long (longer than 200 bytes)"
-    ]
+    assert result.reject_examples == ["line 2: not_utf8 (byte 0xff at offset 14)", "line 3: line_too_long (longer than 200 bytes)"]
 
 
 def test_schema_misfits_are_kept_for_the_recipe_and_counted_for_health():

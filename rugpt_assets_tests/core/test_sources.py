@@ -165,7 +165,7 @@ def test_read_local_yields_line_errors_and_skips_blank_lines(tmp_path):
     path = SAIGA.local_path(tmp_path)
     path.parent.mkdir()
     good = json.dumps({"messages": CHAT}, ensure_ascii=False)
-    path.write_bytes(f"{good}\n\n{{\"messages\": [\n".encode() + b'{"messages": "\xff"}\n' + f"{good}\n".encode())
+    path.write_bytes(f'{good}\n\n{{"messages": [\n'.encode() + b'{"messages": "\xff"}\n' + f"{good}\n".encode())
     rows = list(read_local(SAIGA, tmp_path))
     assert rows[0] == {"messages": CHAT} and rows[3] == {"messages": CHAT}
     assert isinstance(rows[1], RawLineError) and rows[1].line == 3

@@ -20,9 +20,7 @@ from rugpt_assets.core.quantize import QuantType
 from rugpt_assets.defs import jobs
 
 CPU, GPU = definitions.defs, gpu_definitions.defs
-WORKSPACE = dg.Definitions(
-    assets=[*CPU.assets, *GPU.assets], asset_checks=CPU.asset_checks, resources=CPU.resources
-)
+WORKSPACE = dg.Definitions(assets=[*CPU.assets, *GPU.assets], asset_checks=CPU.asset_checks, resources=CPU.resources)
 CPU_TARGETS = dg.AssetSelection.assets(*CPU.resolve_asset_graph().materializable_asset_keys)
 ALL_KEYS = WORKSPACE.resolve_asset_graph().materializable_asset_keys
 EDITED = sources.SOURCES_BY_NAME["ru_turbo_saiga"]
@@ -95,9 +93,7 @@ def record(instance, *names: str, checks_pass: bool = True) -> None:
             )
 
 
-QUANTIZED = {f"ggml_quantized[{q.name}]" for q in QuantType} | (
-    {f"gguf_quantized[{t.name}]" for t in GGUFType} if GGUF else set()
-)
+QUANTIZED = {f"ggml_quantized[{q.name}]" for q in QuantType} | ({f"gguf_quantized[{t.name}]" for t in GGUFType} if GGUF else set())
 EVERYTHING = {k.to_user_string() for k in ALL_KEYS} - {"ggml_quantized", "gguf_quantized"} | QUANTIZED
 
 
@@ -181,14 +177,14 @@ def test_recipe_code_version_bump_requests_from_chat_set_down(instance, mirror):
     bumped = dg.Definitions(
         assets=[
             a.map_asset_specs(lambda spec: spec.replace_attributes(code_version="bumped"))
-            if isinstance(a, dg.AssetsDefinition) and a.key == dg.AssetKey("chat_set") else a
+            if isinstance(a, dg.AssetsDefinition) and a.key == dg.AssetKey("chat_set")
+            else a
             for a in WORKSPACE.assets
         ],
-        asset_checks=WORKSPACE.asset_checks, resources=WORKSPACE.resources,
+        asset_checks=WORKSPACE.asset_checks,
+        resources=WORKSPACE.resources,
     )
-    result = dg.evaluate_automation_conditions(
-        defs=bumped, instance=instance, asset_selection=CPU_TARGETS, cursor=sensors.cursors["cpu"]
-    )
+    result = dg.evaluate_automation_conditions(defs=bumped, instance=instance, asset_selection=CPU_TARGETS, cursor=sensors.cursors["cpu"])
     assert {k.to_user_string() for k in ALL_KEYS if result.get_num_requested(k)} == {"chat_set"}
     record(instance, "chat_set")
     assert sensors.tick()["gpu"] == {"lora_adapter"}

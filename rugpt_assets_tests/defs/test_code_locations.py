@@ -45,7 +45,8 @@ def test_lineage_crosses_the_locations_by_key():
     # What one location only references, the other defines: nothing dangles, nothing is defined twice.
     gpu_refs = {k.to_user_string() for k in gpu_graph.get_all_asset_keys()} - materializable(gpu_definitions.defs)
     cpu_refs = {
-        k.to_user_string() for k in cpu_graph.get_all_asset_keys()
+        k.to_user_string()
+        for k in cpu_graph.get_all_asset_keys()
         if not cpu_graph.get(k).is_materializable and not cpu_graph.get(k).is_observable
     }
     assert gpu_refs <= materializable(definitions.defs) and cpu_refs == {"lora_adapter"}
@@ -55,8 +56,10 @@ def test_lineage_crosses_the_locations_by_key():
 def test_jobs_cover_every_asset_once_in_dependency_order():
     """prepare → train → export → quantize (and quantize_gguf): each materializable asset in exactly one job."""
     planned = [
-        (definitions.defs, "prepare"), (gpu_definitions.defs, "train"),
-        (definitions.defs, "export"), (definitions.defs, "quantize"),
+        (definitions.defs, "prepare"),
+        (gpu_definitions.defs, "train"),
+        (definitions.defs, "export"),
+        (definitions.defs, "quantize"),
         *[(definitions.defs, job.name) for job in jobs.quantize_gguf_jobs],
     ]
     covered = []
@@ -70,7 +73,11 @@ def test_jobs_cover_every_asset_once_in_dependency_order():
 def test_workspace_validates(tmp_path):
     result = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", str(ROOT / "workspace.yaml")],
-        cwd=tmp_path, env={**os.environ, "DAGSTER_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

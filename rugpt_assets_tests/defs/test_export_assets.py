@@ -61,7 +61,8 @@ def test_one_pinned_evaluation_set_and_a_stale_f16_refused(instance, layout):
     assert run.success
     # the blocking checks ran on the adapter's prompt too: llm-rs greedy equals the merged model
     assert {e.check_name: e.passed for e in run.get_asset_check_evaluations()} == {
-        "ggml_f16_generates": True, "ggml_f16_matches_merged_model": True
+        "ggml_f16_generates": True,
+        "ggml_f16_matches_merged_model": True,
     }
     f16 = latest(instance, "ggml_f16")
     assert f16["eval_set_sha256"] == expected.sha256  # the adapter's system prompt, not the constant
@@ -97,9 +98,7 @@ def test_one_pinned_evaluation_set_and_a_stale_f16_refused(instance, layout):
     # re-materializing f16 as told makes the partition run again, on the new set
     assert materialize(instance, "ggml_f16").success
     assert materialize(instance, "ggml_quantized", "Q4_0").success
-    assert latest(instance, "ggml_quantized")["eval_set_sha256"] == latest(instance, "ggml_f16")["eval_set_sha256"] != (
-        expected.sha256
-    )
+    assert latest(instance, "ggml_quantized")["eval_set_sha256"] == latest(instance, "ggml_f16")["eval_set_sha256"] != (expected.sha256)
 
 
 def test_checks_run_with_the_settings_the_asset_ran_with(instance, layout):
@@ -108,9 +107,7 @@ def test_checks_run_with_the_settings_the_asset_ran_with(instance, layout):
     profile_tokens = settings.profile().export.check_new_tokens
     overrides = {"check_new_tokens": profile_tokens - 11, "check_prompt": "Назови три цвета."}
     job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey("ggml_f16")})
-    run = job.execute_in_process(
-        instance=instance, run_config={"ops": {"ggml_f16": {"config": overrides}}}, raise_on_error=False
-    )
+    run = job.execute_in_process(instance=instance, run_config={"ops": {"ggml_f16": {"config": overrides}}}, raise_on_error=False)
     assert run.success
     checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
     assert checks["ggml_f16_generates"].passed and checks["ggml_f16_matches_merged_model"].passed

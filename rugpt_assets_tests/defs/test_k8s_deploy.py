@@ -71,9 +71,7 @@ def test_helm_values_say_what_dagster_yaml_says():
     assert values["runLauncher"]["type"] == "CustomRunLauncher"
     assert launcher == instance["run_launcher"]
     pools = values["concurrency"]["pools"]
-    assert {"granularity": pools["granularity"], "default_limit": pools["defaultLimit"]} == (
-        instance["concurrency"]["pools"]
-    )
+    assert {"granularity": pools["granularity"], "default_limit": pools["defaultLimit"]} == (instance["concurrency"]["pools"])
     # The one GPU pod shape, written down once in rugpt_assets.launchers.
     assert launcher["config"]["gpu"]["config"]["run_k8s_config"] == GPU_POD
 
@@ -121,9 +119,7 @@ def container_context(deployment: dict) -> dict:
 def test_both_code_locations_are_deployed_with_the_same_image_env_and_storage():
     deployments = load("values.yaml")["dagster-user-deployments"]["deployments"]
     workspace = yaml.safe_load((K8S_DIR.parents[1] / "workspace.yaml").read_text())["load_from"]
-    assert sorted(d["codeServerArgs"][1] for d in deployments) == sorted(
-        e["python_module"]["module_name"] for e in workspace
-    )
+    assert sorted(d["codeServerArgs"][1] for d in deployments) == sorted(e["python_module"]["module_name"] for e in workspace)
     first, *others = deployments
     for deployment in others:
         for key in ("image", "env", "volumes", "volumeMounts", "includeConfigInLaunchedRuns"):
@@ -154,7 +150,9 @@ def launch_on_k8s(kubeconfig: str, module: str, job: dg.JobDefinition) -> str:
     code_origin = JobPythonOrigin(
         job.name,
         RepositoryPythonOrigin(
-            sys.executable, ModuleCodePointer(module, "defs", None), IMAGE,
+            sys.executable,
+            ModuleCodePointer(module, "defs", None),
+            IMAGE,
             container_context=container_context(code_location(module)),
         ),
     )
@@ -186,9 +184,7 @@ def test_training_run_renders_a_job_with_one_gpu_on_a_gpu_node(kubeconfig, creat
     assert container.image == IMAGE
     assert container.resources.limits["nvidia.com/gpu"] == "1"
     assert pod.node_selector == {"nvidia.com/gpu.present": "true"}
-    assert [(t.key, t.operator, t.effect) for t in pod.tolerations] == [
-        ("nvidia.com/gpu", "Exists", "NoSchedule")
-    ]
+    assert [(t.key, t.operator, t.effect) for t in pod.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
     assert pod.service_account_name == "dagster"
     # The run worker itself trains (a subprocess of this pod): it loads the GPU location.
     assert "execute_run" in container.args and "rugpt_assets.gpu_definitions" in " ".join(container.args)
@@ -209,9 +205,7 @@ def test_cpu_runs_render_jobs_kept_off_gpu_nodes(kubeconfig, created_jobs, job_n
     assert pod.node_selector is None and pod.tolerations is None
     required = pod.affinity.node_affinity.required_during_scheduling_ignored_during_execution
     [term] = required.node_selector_terms
-    assert [(e.key, e.operator) for e in term.match_expressions] == [
-        ("nvidia.com/gpu.present", "DoesNotExist")
-    ]
+    assert [(e.key, e.operator) for e in term.match_expressions] == [("nvidia.com/gpu.present", "DoesNotExist")]
     assert_reads_and_writes_artifacts(pod)
 
 
@@ -232,16 +226,13 @@ def chart_available() -> bool:
 @pytest.mark.skipif(not chart_available(), reason="needs helm and the dagster/dagster chart repo")
 def test_helm_renders_our_launcher_into_the_instance_configmap():
     rendered = subprocess.run(
-        ["helm", "template", "dagster", "dagster/dagster", "-n", "dagster",
-         "-f", str(K8S_DIR / "values.yaml")],
+        ["helm", "template", "dagster", "dagster/dagster", "-n", "dagster", "-f", str(K8S_DIR / "values.yaml")],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     [configmap] = [
-        doc
-        for doc in yaml.safe_load_all(rendered)
-        if doc and doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "dagster-instance"
+        doc for doc in yaml.safe_load_all(rendered) if doc and doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "dagster-instance"
     ]
     instance = yaml.safe_load(configmap["data"]["dagster.yaml"])
     assert instance["run_launcher"] == load("dagster.yaml")["run_launcher"]

@@ -81,9 +81,7 @@ RECORDING = {"module": __name__, "class": "RecordingLauncher"}
 
 ASSET_JOB = STAND_IN_DEFS.resolve_implicit_global_asset_job_def()
 # Queued runs must say where they come from; the daemon never loads this location here.
-JOB_ORIGIN = RemoteRepositoryOrigin(
-    RegisteredCodeLocationOrigin("rugpt_assets"), "__repository__"
-).get_job_origin(ASSET_JOB.name)
+JOB_ORIGIN = RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("rugpt_assets"), "__repository__").get_job_origin(ASSET_JOB.name)
 
 
 def local_config(**launchers: Mapping[str, Any]) -> dict[str, Any]:
@@ -306,10 +304,7 @@ def test_gpu_steps_never_overlap_on_a_fresh_instance(tmp_path, monkeypatch):
     spans_file = tmp_path / "spans.jsonl"
     monkeypatch.setenv("RUGPT_TEST_SPANS", str(spans_file))
     spawn = multiprocessing.get_context("spawn")
-    workers = [
-        spawn.Process(target=materialize_in_fresh_process, args=(str(tmp_path),))
-        for _ in range(2)
-    ]
+    workers = [spawn.Process(target=materialize_in_fresh_process, args=(str(tmp_path),)) for _ in range(2)]
     for w in workers:
         w.start()
     for w in workers:

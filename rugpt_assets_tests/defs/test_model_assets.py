@@ -98,8 +98,13 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
         (model.merged_model, [], "base_model and lora_adapter"),
         (export.ggml_f16, ["chat_set/val.jsonl"], "merged_model"),
     ],
-    ids=["lora_adapter-without-chat_set", "lora_adapter-without-base_model", "merged_model-without-lora_adapter",
-         "merged_model-without-anything", "ggml_f16-without-merged_model"],
+    ids=[
+        "lora_adapter-without-chat_set",
+        "lora_adapter-without-base_model",
+        "merged_model-without-lora_adapter",
+        "merged_model-without-anything",
+        "ggml_f16-without-merged_model",
+    ],
 )
 def test_missing_upstream_fails_at_once_naming_what_to_materialize(instance, asset, present, names):
     layout = StorageLayout(settings.storage_root())

@@ -21,8 +21,14 @@ from rugpt_assets_tests.e2e.dagster_dev import PROJECT_ROOT
 ARTIFACTS_DIR = PROJECT_ROOT / "test-artifacts"
 DOCS_IMG_DIR = PROJECT_ROOT / "docs" / "img"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 

@@ -31,8 +31,12 @@ def trained_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("trained_home")
     shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
     result = subprocess.run(
-        [sys.executable, "-c", TRAIN_AND_EXPORT], cwd=home, env=home_env(home),
-        capture_output=True, text=True, timeout=1200,
+        [sys.executable, "-c", TRAIN_AND_EXPORT],
+        cwd=home,
+        env=home_env(home),
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     return home

@@ -101,6 +101,7 @@ def sensor_ticks(server: DagsterDev, location: str) -> list[dict]:
 def quiet_ticks_after(server: DagsterDev, after: float) -> None:
     """Each sensor finishes a tick after `after` (epoch s), and every such tick requested nothing."""
     for location in SENSORS:
+
         def finished_ticks(location: str = location):
             return [t for t in sensor_ticks(server, location) if t["timestamp"] > after and t["status"] != "STARTED"]
 
@@ -139,7 +140,8 @@ def test_edited_source_retrains_and_exports_by_itself(fresh_home, tmp_path):
         assert data_version(observation) == trained_version
         observe_run = server.wait_until(
             lambda: (run := get_run(server, observation["runId"]))["status"] == "SUCCESS" and run,
-            "the observation run to succeed", timeout_s=90,
+            "the observation run to succeed",
+            timeout_s=90,
         )
         quiet_ticks_after(server, observe_run["endTime"])
         assert automatic_runs(server, started) == []
@@ -187,8 +189,10 @@ def test_edited_source_retrains_and_exports_by_itself(fresh_home, tmp_path):
         true_labels = {n["userLabel"] for n in requesting["evaluationNodes"] if n["numTrue"]}
         assert "eager" in true_labels and "code_version_changed" not in true_labels
 
-    chats = [*read_jsonl(fresh_home / "storage/artifacts/chat_set/train.jsonl"),
-             *read_jsonl(fresh_home / "storage/artifacts/chat_set/val.jsonl")]
+    chats = [
+        *read_jsonl(fresh_home / "storage/artifacts/chat_set/train.jsonl"),
+        *read_jsonl(fresh_home / "storage/artifacts/chat_set/val.jsonl"),
+    ]
     question = NEW_CHAT["messages"][0]["content"]
     assert any(m["content"] == question for chat in chats for m in chat["messages"])
     metrics = json.loads((fresh_home / "storage/artifacts/lora_adapter/metrics.json").read_text())

@@ -111,9 +111,25 @@ def launch_from_launchpad(server: DagsterDev, location: str, job: str) -> str:
 def launch_from_cli(home: Path, location: str, job: str, *args: str) -> str:
     run_id = str(uuid.uuid4())
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "job", "launch", "-w", str(PROJECT_ROOT / "workspace.yaml"),
-         "-l", location, "-j", job, "--run-id", run_id, *args],
-        cwd=home, env=env_for(home), capture_output=True, text=True, timeout=600,
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "job",
+            "launch",
+            "-w",
+            str(PROJECT_ROOT / "workspace.yaml"),
+            "-l",
+            location,
+            "-j",
+            job,
+            "--run-id",
+            run_id,
+            *args,
+        ],
+        cwd=home,
+        env=env_for(home),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_id
@@ -151,8 +167,11 @@ def test_jobs_from_the_launchpad_and_the_cli_and_a_second_training_waits_queued(
 
     launched = [r for r in recorded if r.job != "observe_sources"]  # the hourly schedule may fire meanwhile
     assert sorted((r.job, r.location, r.launcher) for r in launched) == [
-        ("export", CPU_LOCATION, "cpu"), ("prepare", CPU_LOCATION, "cpu"), ("quantize", CPU_LOCATION, "cpu"),
-        ("train", GPU_LOCATION, "gpu"), ("train", GPU_LOCATION, "gpu"),
+        ("export", CPU_LOCATION, "cpu"),
+        ("prepare", CPU_LOCATION, "cpu"),
+        ("quantize", CPU_LOCATION, "cpu"),
+        ("train", GPU_LOCATION, "gpu"),
+        ("train", GPU_LOCATION, "gpu"),
     ]
     assert_routed_by_pool(recorded)
     assert all(r.steps == {"lora_adapter"} for r in recorded if r.job == "train")

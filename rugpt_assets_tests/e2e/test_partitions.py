@@ -34,15 +34,14 @@ class Partition:
 
 
 GGML_Q5_1 = Partition("ggml_quantized", QuantType.Q5_1.name, "ggml/model-q5_1", ".bin", QuantType.Q5_1.ftype)
-GGUF_Q5_K_M = Partition(
-    "gguf_quantized", GGUFType.Q5_K_M.name, "gguf/model-q5_k_m", ".gguf", int(GGUFType.Q5_K_M.file_type)
-)
+GGUF_Q5_K_M = Partition("gguf_quantized", GGUFType.Q5_K_M.name, "gguf/model-q5_k_m", ".gguf", int(GGUFType.Q5_K_M.file_type))
 PARTITIONS = pytest.mark.parametrize("partition", [GGML_Q5_1, GGUF_Q5_K_M], ids=lambda p: p.asset)
 
 
 def needs(partition: Partition) -> None:
     if partition.asset == "gguf_quantized":
         require_llama_cpp()
+
 
 def artifact_files(home: Path) -> dict[str, int]:
     """Every file under the artifact root, with its modification time."""
@@ -93,9 +92,22 @@ def test_cli_materializes_only_one_partition(fresh_home, partition):
     assert partitions(materialized_before)[partition.asset] == []
 
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "rugpt_assets.definitions",
-         "--select", partition.asset, "--partition", partition.key],
-        cwd=fresh_home, env=home_env(fresh_home), capture_output=True, text=True, timeout=600,
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "rugpt_assets.definitions",
+            "--select",
+            partition.asset,
+            "--partition",
+            partition.key,
+        ],
+        cwd=fresh_home,
+        env=home_env(fresh_home),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_only_partition_added(fresh_home, partition, files_before, materialized_before)

@@ -162,7 +162,10 @@ def reference(home, layout, tmp_path_factory) -> dict:
     job.write(out / "job.json")
     result = subprocess.run(
         [sys.executable, "-m", "rugpt_assets.core.train", "--config", str(out / "job.json")],
-        env=home_env(home), capture_output=True, text=True, timeout=900,
+        env=home_env(home),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((job.output_dir / "metrics.json").read_text())

@@ -47,7 +47,8 @@ def materialize(key: str, partition: str | None = None, run_config: dict | None 
     defs = gpu_definitions.defs if key == "lora_adapter" else definitions.defs
     job = defs.resolve_implicit_global_asset_job_def().get_subset(
         # lora_adapter evaluates its check inside its own step: it cannot be left out
-        asset_selection={dg.AssetKey(key)}, asset_check_selection=None if key == "lora_adapter" else set()
+        asset_selection={dg.AssetKey(key)},
+        asset_check_selection=None if key == "lora_adapter" else set(),
     )
     with dg.DagsterInstance.ephemeral() as instance:
         job.execute_in_process(instance=instance, run_config=run_config or {}, partition_key=partition)
@@ -203,16 +204,10 @@ TARGETS: dict[str, Target] = {
         lambda: layout().chat_set, lambda: materialize("chat_set"), lambda p: load_jsonl_dir(p, ("train.jsonl", "val.jsonl"))
     ),
     "base_model": Target(lambda: layout().base_model, write_new_base_model, load_model),
-    "lora_checkpoint": Target(
-        fault_checkpoint, lambda: train.train_lora(training_job(layout().root / FAULT_RUNS)), load_checkpoint, nth=2
-    ),
-    "lora_adapter": Target(
-        lambda: layout().lora_adapter, lambda: train.train_lora(training_job(layout().root / FAULT_RUNS)), load_adapter
-    ),
+    "lora_checkpoint": Target(fault_checkpoint, lambda: train.train_lora(training_job(layout().root / FAULT_RUNS)), load_checkpoint, nth=2),
+    "lora_adapter": Target(lambda: layout().lora_adapter, lambda: train.train_lora(training_job(layout().root / FAULT_RUNS)), load_adapter),
     "merged_model": Target(lambda: layout().merged_model, lambda: materialize("merged_model"), load_model),
-    "ggml_f16": Target(
-        lambda: layout().ggml_f16, lambda: materialize("ggml_f16", run_config=op_config("ggml_f16", EXPORT)), load_ggml
-    ),
+    "ggml_f16": Target(lambda: layout().ggml_f16, lambda: materialize("ggml_f16", run_config=op_config("ggml_f16", EXPORT)), load_ggml),
     **{f"ggml_{q.name}": _quant(q) for q in QuantType},
     **(
         {

@@ -90,14 +90,10 @@ def assert_clean(final: Path) -> None:
     assert not dangling, f"dangling links in {final.parent}: {dangling}"
 
 
-def _arm(
-    target: Path, point: str | None, nth: int, fsize: int | None, on_arm: Callable[[], None] | None, record: Path
-) -> None:
+def _arm(target: Path, point: str | None, nth: int, fsize: int | None, on_arm: Callable[[], None] | None, record: Path) -> None:
     """In the child: wrap the publication steps of `target` to fail at `point`."""
     state = {"entries": 0, "armed": False, "switched": False}
-    publish, fsync_tree, swap_link, collect = (
-        artifacts._publish, artifacts._fsync_tree, artifacts._swap_link, artifacts._collect_garbage
-    )
+    publish, fsync_tree, swap_link, collect = (artifacts._publish, artifacts._fsync_tree, artifacts._swap_link, artifacts._collect_garbage)
 
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -110,12 +110,11 @@ def test_non_utf8_and_overlong_lines_fail_the_blocking_check_and_stop_chat_set(s
     before = everything()
     from rugpt_assets.definitions import defs
 
-    job = defs.resolve_implicit_global_asset_job_def().get_subset(
-        asset_selection={dg.AssetKey(f"raw_{SNAPSHOT}"), dg.AssetKey("chat_set")}
-    )
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey(f"raw_{SNAPSHOT}"), dg.AssetKey("chat_set")})
     with dg.DagsterInstance.ephemeral() as instance:
         result = job.execute_in_process(
-            instance=instance, raise_on_error=False,
+            instance=instance,
+            raise_on_error=False,
             run_config=op_config(f"raw_{SNAPSHOT}", {"max_reject_rate": 0.01, "max_row_drop": 0.1}),
         )
         materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -147,20 +146,46 @@ def test_empty_source_fails_the_snapshot_and_keeps_the_previous(storage, tmp_pat
 # Checked by the config itself as the asset starts, naming the field and the value.
 INVALID = {
     "chat_set": {
-        "seed": -1, "train_fraction": 1.5, "dedup_threshold": 2.0, "dedup_num_perm": 1,
-        "merge_short_below_chars": -1, "mix_long_above_chars": -5, "mix_probability": 1.5,
-        "conversation_max_chars": 0, "roleplay_greeting_probability": -0.1,
-        "roleplay_example_probability": 2.0, "bad_substrings_path": "/nonexistent/bad_substrings.txt",
+        "seed": -1,
+        "train_fraction": 1.5,
+        "dedup_threshold": 2.0,
+        "dedup_num_perm": 1,
+        "merge_short_below_chars": -1,
+        "mix_long_above_chars": -5,
+        "mix_probability": 1.5,
+        "conversation_max_chars": 0,
+        "roleplay_greeting_probability": -0.1,
+        "roleplay_example_probability": 2.0,
+        "bad_substrings_path": "/nonexistent/bad_substrings.txt",
     },
     "lora_adapter": {
-        "lora_r": 0, "lora_alpha": 0, "lora_dropout": 1.0, "lora_target_modules": [], "max_tokens_count": 1,
-        "learning_rate": 0.0, "warmup_steps": -1, "per_device_batch_size": 0,
-        "gradient_accumulation_steps": 0, "num_epochs": 0.0, "max_steps": 0, "weight_decay": -1.0,
-        "max_grad_norm": 0.0, "seed": -1, "eval_steps": 0, "save_steps": 0, "max_eval_chats": -1,
-        "load_in_4bit": True, "pack_tokens": 16,
+        "lora_r": 0,
+        "lora_alpha": 0,
+        "lora_dropout": 1.0,
+        "lora_target_modules": [],
+        "max_tokens_count": 1,
+        "learning_rate": 0.0,
+        "warmup_steps": -1,
+        "per_device_batch_size": 0,
+        "gradient_accumulation_steps": 0,
+        "num_epochs": 0.0,
+        "max_steps": 0,
+        "weight_decay": -1.0,
+        "max_grad_norm": 0.0,
+        "seed": -1,
+        "eval_steps": 0,
+        "save_steps": 0,
+        "max_eval_chats": -1,
+        "load_in_4bit": True,
+        "pack_tokens": 16,
     },
     "ggml_f16": {
-        "threads": 0, "eval_chats": 0, "eval_max_tokens": 1, "kl_top_k": 0, "check_prompt": "  ", "check_new_tokens": 0,
+        "threads": 0,
+        "eval_chats": 0,
+        "eval_max_tokens": 1,
+        "kl_top_k": 0,
+        "check_prompt": "  ",
+        "check_new_tokens": 0,
     },
     f"raw_{SNAPSHOT}": {"max_reject_rate": 1.5, "max_row_drop": -0.1},
     "base_model": {"repo": "not a repo!!", "revision": "", "token_env_var": "HF TOKEN", "local_dir": "/nonexistent/model"},

@@ -68,12 +68,16 @@ def test_token_reaches_the_hub_calls_and_nothing_else(published_storage, tmp_pat
             mock.patch("datasets.load_dataset", load_dataset):  # fmt: skip
         resources = {"storage": StorageResource(), "sources_resource": SourcesResource(mode="hub")}
         result = dg.materialize(
-            [base_model, raw], instance=instance, resources=resources,
+            [base_model, raw],
+            instance=instance,
+            resources=resources,
             run_config=op_config("base_model", {"repo": HUB_REPO, "revision": "main"}),
         )
         assert result.success
         failing = dg.materialize(
-            [raw], instance=instance, raise_on_error=False,
+            [raw],
+            instance=instance,
+            raise_on_error=False,
             resources={**resources, "sources_resource": SourcesResource(mode="hub", revisions={SPEC.name: "missing"})},
         )
         assert not failing.success

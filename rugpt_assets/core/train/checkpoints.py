@@ -82,4 +82,3 @@ def load_checkpoint(path: Path, key: str, model, optimizer, scheduler, scaler, r
     scheduler.load_state_dict(states["scheduler"])
     scaler.load_state_dict(states["scaler"])
     return state
-

@@ -24,8 +24,7 @@ def load_chats(path: Path, tokenizer: Any, cfg: TrainConfig) -> tuple[list[Token
     for n, row in enumerate(read_jsonl(path), 1):
         messages = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
         ):
             raise ValueError(f'{path}, row {n}: expected {{"messages": [{{"role": str, "content": str}}, ...]}}')
         chat = TokenizedChat(*tokenize_chat(messages, tokenizer, cfg.max_tokens_count, cfg.system_prompt))
@@ -82,4 +81,3 @@ class DataPlan:
         epoch, k = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.chats), generator=torch.Generator().manual_seed(self.seed + epoch))
         return [self.chats[i] for i in order[k * self.chats_per_step : (k + 1) * self.chats_per_step].tolist()]
-

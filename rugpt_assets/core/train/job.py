@@ -32,9 +32,7 @@ class TrainJob:
         unknown = sorted(set(values) - {*JOB_PATHS, "train"})
         missing = [k for k in JOB_PATHS if k not in values]
         if unknown or missing:
-            raise ValueError(
-                f"{path}: unknown keys {unknown}, missing keys {missing}; expected {JOB_PATHS} and 'train'"
-            )
+            raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing}; expected {JOB_PATHS} and 'train'")
         return cls(**{k: values[k] for k in JOB_PATHS}, config=from_dict(TrainConfig, values.get("train", {})))
 
     def to_json(self) -> dict[str, Any]:
@@ -50,4 +48,3 @@ class TrainJob:
 class TrainResult:
     adapter_dir: Path
     metrics: dict[str, Any]
-

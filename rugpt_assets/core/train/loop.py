@@ -153,8 +153,7 @@ def loop(t: Training, state: State, reporter: Reporter) -> None:
         state["tokens_seen"] += tokens
         state["train_time_s"] += seconds
         reporter.log(
-            f"step {step + 1}/{t.total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f} "
-            f"tokens/s {tokens / seconds:,.0f}"
+            f"step {step + 1}/{t.total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f} tokens/s {tokens / seconds:,.0f}"
         )
         last = step + 1 == t.total_steps
         if (step + 1) % cfg.eval_steps == 0 or last:

@@ -105,4 +105,3 @@ def write_adapter(job: TrainJob, model: PeftModel, tokenizer: Any, metrics: dict
         saved = load_file(tmp / "adapter_model.safetensors")
         if len(saved) != len(trainable(model)) or not all(t.isfinite().all() for t in saved.values()):
             raise RuntimeError(f"adapter written to {tmp} is incomplete or not finite")
-

@@ -43,8 +43,6 @@ class NullReporter:
         pass
 
 
-
-
 def loss_curve_png(losses: Sequence[float], evals: Sequence[Sequence[float]], base_eval_loss: float) -> bytes:
     fig = Figure(figsize=(6, 3.5), dpi=100)
     ax = fig.subplots()

@@ -62,9 +62,7 @@ def start_runtime(cfg: TrainConfig) -> Runtime:
         if getattr(cfg, flag) and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(f"{flag}=true needs bitsandbytes: pip install 'rugpt-assets[gpu]', or set {flag} to false")
     if cfg.attn_implementation == "packed_varlen" and not (on_gpu and dtype in (torch.bfloat16, torch.float16)):
-        raise ValueError(
-            "attn_implementation='packed_varlen' needs a CUDA GPU and precision bf16 or fp16: use 'sdpa' here"
-        )
+        raise ValueError("attn_implementation='packed_varlen' needs a CUDA GPU and precision bf16 or fp16: use 'sdpa' here")
 
     # Under torchrun the process group is set up from its rendezvous (env://); otherwise one process.
     owns_group = dist.is_torchelastic_launched() and not dist.is_initialized()
@@ -85,4 +83,3 @@ def running(cfg: TrainConfig) -> Iterator[Runtime]:
     finally:
         if rt.owns_process_group:
             dist.destroy_process_group()
-

@@ -25,12 +25,8 @@ def loss_sum(model: torch.nn.Module, batch: Batch, rt: Runtime) -> torch.Tensor:
     from the batch's attention kwargs instead (see `packing`).
     """
     with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32):
-        logits = model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **batch.attention_kwargs()
-        ).logits
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **batch.attention_kwargs()).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def train_step(
@@ -78,7 +74,6 @@ def evaluate(
         dist.all_reduce(sums)
     model.train(was_training)
     return (sums[0] / sums[1]).item()
-
 
 
 def rank_divergence(model: torch.nn.Module, rt: Runtime) -> float:
