@@ -89,3 +89,31 @@ def assert_routed_by_pool(recorded: list[Run]) -> None:
             assert run.steps and pools == {GPU_POOL}, (run.describe(), sorted(run.steps))
         else:
             assert GPU_POOL not in pools, (run.describe(), sorted(run.steps))
+
+
+AUTOMATION_SENSORS = """
+{
+  repositoriesOrError {
+    ... on RepositoryConnection { nodes { sensors { name sensorType sensorState { id selectorId } } } }
+  }
+}"""
+
+STOP_SENSOR = """
+mutation ($id: String!, $selectorId: String!) {
+  stopSensor(id: $id, jobSelectorId: $selectorId) { __typename }
+}"""
+
+
+def stop_automation(server: DagsterDev) -> None:
+    """Stop the automation sensor of every code location, once both locations have loaded (a
+    location still loading lists no sensors, and its sensor would run on)."""
+
+    def all_sensors():
+        nodes = server.graphql(AUTOMATION_SENSORS)["repositoriesOrError"]["nodes"]
+        found = [s for repository in nodes for s in repository["sensors"] if s["sensorType"] == "AUTOMATION"]
+        return found if {s["name"] for s in found} == set(SENSORS.values()) else None
+
+    for sensor in server.wait_until(all_sensors, f"the automation sensors {sorted(SENSORS.values())}", timeout_s=300):
+        state = sensor["sensorState"]
+        result = server.graphql(STOP_SENSOR, {"id": state["id"], "selectorId": state["selectorId"]})
+        assert result["stopSensor"]["__typename"] == "StopSensorMutationResult", result

@@ -16,7 +16,7 @@ from rugpt_assets.core.gguf import GGUFType
 from rugpt_assets.core.quantize import QuantType
 from rugpt_assets_tests.e2e.conftest import home_env
 from rugpt_assets_tests.e2e.dagster_dev import PROJECT_ROOT, DagsterDev, dagster_dev
-from rugpt_assets_tests.e2e.runs import SENSORS, Run, assert_routed_by_pool, runs
+from rugpt_assets_tests.e2e.runs import Run, assert_routed_by_pool, runs, stop_automation
 
 pytestmark = pytest.mark.e2e
 
@@ -35,10 +35,6 @@ mutation ($params: ExecutionParams!) {
     ... on PythonError { message }
   }
 }"""
-SENSOR_STATE = """
-query ($sensor: SensorSelector!) { sensorOrError(sensorSelector: $sensor) { ... on Sensor { sensorState { id } } } }"""
-STOP_SENSOR = """
-mutation ($id: String!) { stopSensor(id: $id) { __typename ... on PythonError { message } } }"""
 MATERIALIZED = """
 query ($key: AssetKeyInput!) { assetOrError(assetKey: $key) { ... on Asset { assetMaterializations { timestamp partition } } } }"""
 
@@ -91,14 +87,6 @@ def test_materialize_all_runs_each_location_on_its_own_launcher(fresh_home):
     prepared = next(r for r in backfill if "chat_set" in r.assets)
     exported = next(r for r in backfill if "merged_model" in r.assets)
     assert prepared.ended <= training.created and training.ended <= exported.created
-
-
-def stop_automation(server: DagsterDev) -> None:
-    """Both sensors off (the UI's toggle), so only the runs launched here are made."""
-    for location, name in SENSORS.items():
-        selector = {"repositoryName": "__repository__", "repositoryLocationName": location, "sensorName": name}
-        state_id = server.graphql(SENSOR_STATE, {"sensor": selector})["sensorOrError"]["sensorState"]["id"]
-        assert server.graphql(STOP_SENSOR, {"id": state_id})["stopSensor"]["__typename"] == "StopSensorMutationResult"
 
 
 def launch_from_launchpad(server: DagsterDev, location: str, job: str) -> str:

@@ -39,6 +39,7 @@ from rugpt_assets.core.artifacts import StorageLayout
 from rugpt_assets.launchers import run_worker_pid
 from rugpt_assets_tests.e2e.conftest import home_env
 from rugpt_assets_tests.e2e.dagster_dev import DagsterDev, dagster_dev
+from rugpt_assets_tests.e2e.runs import stop_automation
 
 # What the test launches, by name. The code location holding each is looked up. The whole graph
 # is three jobs in two code locations (a run never spans two), launched one after the other.
@@ -68,18 +69,6 @@ LAUNCHED = """
 """
 LAUNCH_RUN = f"mutation ($params: ExecutionParams!) {{ launchRun(executionParams: $params) {{ {LAUNCHED} }} }}"
 REEXECUTE = f"mutation ($params: ReexecutionParams!) {{ launchRunReexecution(reexecutionParams: $params) {{ {LAUNCHED} }} }}"
-
-AUTOMATION_SENSORS = """
-{
-  repositoriesOrError {
-    ... on RepositoryConnection { nodes { sensors { sensorType sensorState { id selectorId } } } }
-  }
-}"""
-
-STOP_SENSOR = """
-mutation ($id: String!, $selectorId: String!) {
-  stopSensor(id: $id, jobSelectorId: $selectorId) { __typename }
-}"""
 
 
 def asset_job_selector(server: DagsterDev, asset: str) -> dict:
@@ -113,20 +102,6 @@ def launch(server: DagsterDev, selector: dict, run_config: dict = RUN_CONFIG) ->
 def reexecute_from_failure(server: DagsterDev, run_id: str) -> str:
     params = {"parentRunId": run_id, "strategy": "FROM_FAILURE"}
     return launched_run_id(server.graphql(REEXECUTE, {"params": params})["launchRunReexecution"])
-
-
-def stop_automation(server: DagsterDev) -> None:
-    """Stop every automation sensor, in whichever code locations there are."""
-    nodes = server.graphql(AUTOMATION_SENSORS)["repositoriesOrError"]["nodes"]
-    stopped = 0
-    for repository in nodes:
-        for sensor in repository["sensors"]:
-            if sensor["sensorType"] == "AUTOMATION":
-                state = sensor["sensorState"]
-                result = server.graphql(STOP_SENSOR, {"id": state["id"], "selectorId": state["selectorId"]})
-                assert result["stopSensor"]["__typename"] == "StopSensorMutationResult", result
-                stopped += 1
-    assert stopped, "no automation sensor found"
 
 
 @pytest.fixture(scope="module")
