@@ -94,7 +94,7 @@ def assert_routed_by_pool(recorded: list[Run]) -> None:
 AUTOMATION_SENSORS = """
 {
   repositoriesOrError {
-    ... on RepositoryConnection { nodes { sensors { name sensorType sensorState { id selectorId } } } }
+    ... on RepositoryConnection { nodes { sensors { name sensorState { id selectorId } } } }
   }
 }"""
 
@@ -105,12 +105,14 @@ mutation ($id: String!, $selectorId: String!) {
 
 
 def stop_automation(server: DagsterDev) -> None:
-    """Stop the automation sensor of every code location, once both locations have loaded (a
-    location still loading lists no sensors, and its sensor would run on)."""
+    """Stop the automation sensor of every code location (the UI's toggle), once both locations
+    have loaded: a location still loading lists no sensors. Found by name: the two sensors do not
+    report the same `sensorType` (the CPU one is evaluated by the asset daemon, the GPU one in its
+    code server)."""
 
     def all_sensors():
         nodes = server.graphql(AUTOMATION_SENSORS)["repositoriesOrError"]["nodes"]
-        found = [s for repository in nodes for s in repository["sensors"] if s["sensorType"] == "AUTOMATION"]
+        found = [s for repository in nodes for s in repository["sensors"] if s["name"] in SENSORS.values()]
         return found if {s["name"] for s in found} == set(SENSORS.values()) else None
 
     for sensor in server.wait_until(all_sensors, f"the automation sensors {sorted(SENSORS.values())}", timeout_s=300):
