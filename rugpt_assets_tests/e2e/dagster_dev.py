@@ -41,6 +41,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def interrupt(process: subprocess.Popen) -> None:
+    """Ctrl+C to a server started in a session of its own; its whole group killed if it has not
+    ended within 30 s."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 @dataclass
 class DagsterDev:
     url: str
@@ -136,11 +147,6 @@ def dagster_dev(home: Path, env: dict[str, str] | None = None, timeout_s: float 
                 time.sleep(1)
         yield server
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        interrupt(process)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # stragglers: code server, daemon

@@ -8,8 +8,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import pytest
 from rugpt_assets.core import gguf
 from rugpt_assets.core.chat_template import render_prompt
 from rugpt_assets_tests.core.test_gguf import gguf_demo
+from rugpt_assets_tests.e2e.dagster_dev import free_port, interrupt
 from rugpt_assets_tests.gguf_support import require_llama_cpp
 
 require_llama_cpp()
@@ -30,12 +29,6 @@ from rugpt_assets.serve import SamplingDefaults, seed_sampling  # noqa: E402
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Привет! Как дела?"}]  # openai's message dicts
 GREEDY = {"temperature": 0.0, "max_tokens": 200, "extra_body": {"repeat_penalty": 1.0}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -56,12 +49,7 @@ def serving(args: list[str], env: dict, port: int):
                 time.sleep(0.5)
         yield models
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        interrupt(process)
 
 
 @pytest.fixture(scope="module")
